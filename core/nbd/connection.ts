@@ -1,0 +1,462 @@
+/**
+ * One NBD client connection: framing of the byte stream (partial frames are buffered), the
+ * handshake and transmission state machine, a bounded number of requests in flight that may
+ * complete in any order, and a write queue for what the socket did not take.
+ *
+ * Bun's socket.write() returns how many bytes the kernel took and keeps nothing
+ * (bun-platform-notes §5): the rest is queued here and written on `drain`, and new replies go
+ * behind it so bytes never interleave. Every reply is built as one buffer and is one write.
+ *
+ * Back-pressure: while the requests in flight, their payload bytes, or the queued reply bytes
+ * are at their caps, no new request is parsed and the socket is paused, so a client that
+ * floods requests or never reads replies is held by TCP flow control, not by our memory.
+ */
+import { Handshake, type ExportConfig, type HandshakeLimits } from "./handshake.ts";
+import { describeError, type NbdLogger } from "./logger.ts";
+import { RecvBuffer } from "./recv_buffer.ts";
+import {
+  copyRequest,
+  errorReply,
+  execute,
+  validateRequest,
+  writePayloadPlan,
+  type Rejection,
+  type Request,
+  type Session,
+} from "./transmission.ts";
+import * as W from "./wire.ts";
+
+/** The part of a socket the connection uses (Bun's Socket satisfies it). */
+export interface NbdSocket {
+  /** Returns the number of bytes taken; the caller keeps the rest. */
+  write(data: Uint8Array): number;
+  end(): void;
+  pause(): void;
+  resume(): void;
+}
+
+export interface ConnectionLimits extends HandshakeLimits {
+  /** A connection that has not reached transmission after this long is closed. */
+  handshake_timeout_ms: number;
+  /** Requests dispatched to the export and not yet answered. */
+  inflight_max: number;
+  /** READ lengths plus WRITE payloads of requests in flight (one request may exceed it alone). */
+  inflight_bytes_max: number;
+  /** Reply bytes waiting for the socket; above this no new request is started. */
+  write_queue_bytes_max: number;
+}
+
+export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = {
+  option_bytes_max: 64 * 1024,
+  options_max: 32,
+  handshake_timeout_ms: 10_000,
+  inflight_max: 64,
+  inflight_bytes_max: 64 * 1024 * 1024,
+  write_queue_bytes_max: 16 * 1024 * 1024,
+};
+
+const enum Phase {
+  CLIENT_FLAGS,
+  OPTION_HEADER,
+  OPTION_DATA,
+  REQUEST_HEADER,
+  WRITE_PAYLOAD,
+  SKIP_PAYLOAD,
+  /** DISC received or ABORT answered: nothing more is parsed; close once replies are out. */
+  FINISHING,
+  CLOSED,
+}
+
+export interface ConnectionOptions {
+  config: ExportConfig;
+  limits: ConnectionLimits;
+  log: NbdLogger;
+  label: string;
+}
+
+export class NbdConnection {
+  readonly label: string;
+  /** Resolves when the socket has closed, for whatever reason. */
+  readonly closed: Promise<void>;
+  private resolve_closed!: () => void;
+
+  private phase = Phase.CLIENT_FLAGS;
+  private readonly recv = new RecvBuffer();
+  private readonly handshake: Handshake;
+  private session: (Session & { shutting_down: boolean }) | null = null;
+  private shutting_down = false;
+  private handshake_timer: ReturnType<typeof setTimeout> | null = null;
+
+  /** Option being received. */
+  private option = 0;
+  private option_bytes = 0;
+  /** WRITE whose payload is being received or skipped. */
+  private pending: Request | null = null;
+  private pending_rejection: Rejection | null = null;
+  private skip_left = 0;
+
+  private inflight = 0;
+  private inflight_bytes = 0;
+  private readonly queue: Uint8Array[] = [];
+  private queued_bytes = 0;
+  private reading_paused = false;
+  /** end() has been called (or must be, once the queue is empty). */
+  private close_when_flushed = false;
+  private ended = false;
+  private is_closed = false;
+  private pumping = false;
+  private readonly hdr = W.newRequestHeader();
+
+  constructor(
+    private readonly socket: NbdSocket,
+    private readonly opts: ConnectionOptions,
+  ) {
+    this.label = opts.label;
+    this.handshake = new Handshake(opts.config, opts.limits);
+    this.closed = new Promise((resolve) => (this.resolve_closed = resolve));
+  }
+
+  /** In transmission phase (for the server's bookkeeping and tests). */
+  get in_transmission(): boolean {
+    return this.session !== null && !this.is_closed;
+  }
+
+  get requests_in_flight(): number {
+    return this.inflight;
+  }
+
+  /** Sends the greeting and starts the handshake timer. */
+  start(): void {
+    this.handshake_timer = setTimeout(() => {
+      this.handshake_timer = null;
+      this.drop(`handshake not finished within ${this.opts.limits.handshake_timeout_ms} ms`);
+    }, this.opts.limits.handshake_timeout_ms);
+    this.send(this.handshake.greeting());
+  }
+
+  onData(chunk: Uint8Array): void {
+    if (this.is_closed || this.ended || this.phase === Phase.FINISHING) return;
+    this.recv.push(chunk);
+    this.pump();
+  }
+
+  onDrain(): void {
+    if (this.is_closed) return;
+    this.flushQueue();
+    this.pump();
+  }
+
+  /** The socket closed (peer hung up, error, or our end()). In-flight replies are discarded. */
+  onClose(): void {
+    if (this.is_closed) return;
+    this.is_closed = true;
+    this.phase = Phase.CLOSED;
+    this.clearHandshakeTimer();
+    this.recv.clear();
+    this.queue.length = 0;
+    this.queued_bytes = 0;
+    this.resolve_closed();
+  }
+
+  /**
+   * Graceful shutdown: a connection still negotiating is closed (an option already arriving
+   * gets ERR_SHUTDOWN first); in transmission, new requests get ESHUTDOWN, requests in flight
+   * finish, and the connection closes once it is idle.
+   */
+  shutdown(): void {
+    if (this.is_closed || this.shutting_down) return;
+    this.shutting_down = true;
+    if (this.session) {
+      this.session.shutting_down = true;
+      this.pump();
+      return;
+    }
+    const between_options =
+      this.phase === Phase.CLIENT_FLAGS || (this.phase === Phase.OPTION_HEADER && this.recv.length === 0);
+    if (between_options) this.closeWhenFlushed();
+    // Otherwise the option being received is answered with ERR_SHUTDOWN, then we close.
+  }
+
+  /** Closes the socket now, dropping anything queued. */
+  abort(reason: string): void {
+    this.drop(reason);
+  }
+
+  // -------------------------------------------------------------------------------------
+
+  private pump(): void {
+    if (this.pumping || this.is_closed) return;
+    this.pumping = true;
+    try {
+      this.parse();
+    } catch (e) {
+      // A bug here must cost this client its connection, never the server.
+      this.opts.log("error", `${this.label}: internal error, closing: ${describeError(e)}`);
+      this.drop("internal error");
+    } finally {
+      this.pumping = false;
+    }
+    this.updateReadPause();
+    this.maybeFinish();
+  }
+
+  /** True while new requests must wait (caps reached). */
+  private blocked(): boolean {
+    return this.inflight >= this.opts.limits.inflight_max || this.queued_bytes >= this.opts.limits.write_queue_bytes_max;
+  }
+
+  private updateReadPause(): void {
+    if (this.is_closed || this.ended) return;
+    const want_pause = this.phase === Phase.REQUEST_HEADER && this.blocked_on_caps;
+    if (want_pause && !this.reading_paused) {
+      this.reading_paused = true;
+      this.socket.pause();
+    } else if (!want_pause && this.reading_paused) {
+      this.reading_paused = false;
+      this.socket.resume();
+    }
+  }
+
+  private blocked_on_caps = false;
+
+  private parse(): void {
+    const recv = this.recv;
+    for (;;) {
+      if (this.is_closed || this.ended) return;
+      switch (this.phase) {
+        case Phase.CLIENT_FLAGS: {
+          if (recv.length < W.CLIENT_FLAGS_BYTES) return;
+          const { bytes, at } = recv.peek(W.CLIENT_FLAGS_BYTES);
+          const flags = W.dataViewOf(bytes).getUint32(at, false);
+          recv.skip(W.CLIENT_FLAGS_BYTES);
+          const bad = this.handshake.clientFlags(flags);
+          if (bad !== null) return this.drop(bad);
+          this.phase = Phase.OPTION_HEADER;
+          break;
+        }
+        case Phase.OPTION_HEADER: {
+          if (recv.length < W.OPTION_HEADER_BYTES) return;
+          const { bytes, at } = recv.peek(W.OPTION_HEADER_BYTES);
+          const hdr = W.decodeOptionHeader(W.dataViewOf(bytes), at);
+          recv.skip(W.OPTION_HEADER_BYTES);
+          // Checked before a single data byte is buffered: a 2 GiB length costs nothing.
+          const bad = this.handshake.optionHeader(hdr);
+          if (bad !== null) return this.drop(bad);
+          this.option = hdr.option;
+          this.option_bytes = hdr.length;
+          this.phase = Phase.OPTION_DATA;
+          break;
+        }
+        case Phase.OPTION_DATA: {
+          if (recv.length < this.option_bytes) return;
+          const data = recv.take(this.option_bytes);
+          const res = this.handshake.option(this.option, data, this.shutting_down);
+          if (res.action === "drop") return this.drop(res.reason);
+          this.send(res.bytes);
+          if (res.action === "close" || (this.shutting_down && res.action === "reply")) {
+            this.phase = Phase.FINISHING;
+            this.recv.clear();
+            this.closeWhenFlushed();
+            return;
+          }
+          if (res.action === "transmission") this.enterTransmission();
+          else this.phase = Phase.OPTION_HEADER;
+          break;
+        }
+        case Phase.REQUEST_HEADER: {
+          this.blocked_on_caps = this.blocked();
+          if (this.blocked_on_caps) return;
+          if (recv.length < W.REQUEST_HEADER_BYTES) return;
+          if (!this.request()) return;
+          break;
+        }
+        case Phase.WRITE_PAYLOAD: {
+          const req = this.pending!;
+          if (recv.length < req.length) return;
+          const payload = recv.take(req.length);
+          this.pending = null;
+          this.phase = Phase.REQUEST_HEADER;
+          this.dispatch(req, payload);
+          break;
+        }
+        case Phase.SKIP_PAYLOAD: {
+          this.skip_left -= recv.skip(this.skip_left);
+          if (this.skip_left > 0) return;
+          const req = this.pending!;
+          const rej = this.pending_rejection!;
+          this.pending = null;
+          this.pending_rejection = null;
+          this.phase = Phase.REQUEST_HEADER;
+          this.send(errorReply(req, rej.errno, rej.message, this.session!));
+          break;
+        }
+        case Phase.FINISHING:
+        case Phase.CLOSED:
+          recv.clear();
+          return;
+      }
+    }
+  }
+
+  /**
+   * Parses one request header (28 bytes are buffered). Returns false when parsing must stop
+   * (waiting for in-flight bytes to drain, disconnect, or close).
+   */
+  private request(): boolean {
+    const s = this.session!;
+    const { bytes, at } = this.recv.peek(W.REQUEST_HEADER_BYTES);
+    const hdr = this.hdr;
+    W.decodeRequestHeader(W.dataViewOf(bytes), at, hdr);
+    if (hdr.magic !== W.REQUEST_MAGIC) {
+      this.drop(`bad request magic 0x${hdr.magic.toString(16)}`);
+      return false;
+    }
+    if (hdr.type === W.CMD_DISC) {
+      // No reply. Requests already dispatched finish; then the socket closes.
+      this.recv.clear();
+      this.phase = Phase.FINISHING;
+      this.closeWhenFlushed();
+      return false;
+    }
+    const rej = validateRequest(hdr, s);
+    const carries_bytes = rej === null && (hdr.type === W.CMD_READ || hdr.type === W.CMD_WRITE);
+    const cost = carries_bytes ? hdr.length : 0;
+    if (cost > 0 && this.inflight > 0 && this.inflight_bytes + cost > this.opts.limits.inflight_bytes_max) {
+      // Leave the header buffered until enough in-flight bytes complete.
+      this.blocked_on_caps = true;
+      return false;
+    }
+    if (hdr.type === W.CMD_WRITE) {
+      const plan = writePayloadPlan(hdr, rej);
+      if (plan === "drop") {
+        this.drop(`WRITE payload of ${hdr.length} bytes refused`);
+        return false;
+      }
+      this.recv.skip(W.REQUEST_HEADER_BYTES);
+      this.pending = copyRequest(hdr);
+      if (plan === "take") {
+        this.phase = Phase.WRITE_PAYLOAD;
+      } else {
+        this.pending_rejection = rej;
+        this.skip_left = hdr.length;
+        this.phase = Phase.SKIP_PAYLOAD;
+      }
+      return true;
+    }
+    this.recv.skip(W.REQUEST_HEADER_BYTES);
+    const req = copyRequest(hdr);
+    if (rej !== null) this.send(errorReply(req, rej.errno, rej.message, s));
+    else this.dispatch(req, null);
+    return true;
+  }
+
+  private dispatch(req: Request, payload: Uint8Array | null): void {
+    const s = this.session!;
+    const cost = req.type === W.CMD_READ || req.type === W.CMD_WRITE ? req.length : 0;
+    this.inflight++;
+    this.inflight_bytes += cost;
+    execute(req, payload, s)
+      .then(
+        (reply) => this.send(reply),
+        (e) => {
+          // execute() turns every failure into a reply; getting here is a bug.
+          this.opts.log("error", `${this.label}: internal error in request: ${describeError(e)}`);
+          this.drop("internal error");
+        },
+      )
+      .finally(() => {
+        this.inflight--;
+        this.inflight_bytes -= cost;
+        this.pump();
+      });
+  }
+
+  private enterTransmission(): void {
+    this.clearHandshakeTimer();
+    this.session = {
+      export: this.opts.config.export,
+      structured_replies: this.handshake.structured_replies,
+      meta_context_id: this.handshake.meta_context_id,
+      shutting_down: this.shutting_down,
+      log: this.opts.log,
+      label: this.label,
+    };
+    this.phase = Phase.REQUEST_HEADER;
+  }
+
+  /** Queues or writes one complete message. */
+  private send(bytes: Uint8Array): void {
+    if (this.is_closed || this.ended) return;
+    if (this.queue.length === 0) {
+      const n = this.write(bytes);
+      if (n === bytes.length) return;
+      bytes = bytes.subarray(n);
+    }
+    this.queue.push(bytes);
+    this.queued_bytes += bytes.length;
+  }
+
+  private write(bytes: Uint8Array): number {
+    const n = this.socket.write(bytes);
+    // Bun returns a negative number when the socket is already closed; treat as nothing taken.
+    return n > 0 ? n : 0;
+  }
+
+  private flushQueue(): void {
+    while (this.queue.length > 0 && !this.ended) {
+      const head = this.queue[0]!;
+      const n = this.write(head);
+      this.queued_bytes -= n;
+      if (n < head.length) {
+        this.queue[0] = head.subarray(n);
+        return;
+      }
+      this.queue.shift();
+    }
+  }
+
+  private closeWhenFlushed(): void {
+    this.close_when_flushed = true;
+    this.clearHandshakeTimer();
+    this.maybeFinish();
+  }
+
+  /** Ends the socket when it has to close and nothing is left to send or finish. */
+  private maybeFinish(): void {
+    if (this.is_closed || this.ended) return;
+    if (this.shutting_down && this.session && this.isIdle()) this.close_when_flushed = true;
+    if (this.close_when_flushed && this.inflight === 0 && this.queue.length === 0) {
+      this.ended = true;
+      this.socket.end();
+    }
+  }
+
+  /** Nothing in flight, nothing queued, no half-received request, nothing buffered. */
+  private isIdle(): boolean {
+    return (
+      this.inflight === 0 &&
+      this.queue.length === 0 &&
+      this.phase === Phase.REQUEST_HEADER &&
+      this.recv.length === 0
+    );
+  }
+
+  private drop(reason: string): void {
+    if (this.is_closed || this.ended) return;
+    this.opts.log("debug", `${this.label}: disconnecting: ${reason}`);
+    this.phase = Phase.FINISHING;
+    this.ended = true;
+    this.clearHandshakeTimer();
+    this.recv.clear();
+    this.queue.length = 0;
+    this.queued_bytes = 0;
+    this.socket.end();
+  }
+
+  private clearHandshakeTimer(): void {
+    if (this.handshake_timer !== null) {
+      clearTimeout(this.handshake_timer);
+      this.handshake_timer = null;
+    }
+  }
+}

@@ -1,0 +1,197 @@
+/**
+ * Write path (reference §2.3): cut the request at 4 MiB boundaries and segment ends, copy each
+ * piece into the cache and make it durable, and only then give it a key: insert the key into the
+ * index (overlap fixup) and append it to its kset, under the subtree and kset locks, so index
+ * order and log order of every byte agree.
+ *
+ * Also write-zeroes and trim, which pcache logs as ordinary keys pointing at a shared, durable
+ * zero extent: the on-media format stays the kernel's, replay needs nothing special, and
+ * writeback recognises all-zero extents and passes them to the backing device as write-zeroes.
+ */
+import { assert } from "../assert.ts";
+import { KSET_KEYS_MAX, SUBTREE_SPAN } from "../format/constants.ts";
+import { crc32c } from "../format/crc.ts";
+import { zeroRange } from "../persist/zero.ts";
+import { lock, unlock } from "../sync/lock.ts";
+import type { EngineContext } from "../engine/context.ts";
+import type { DataAlloc } from "../engine/segments.ts";
+import {
+  CTL_ZERO_OFF,
+  CTL_ZERO_SEG,
+  LOCK_SEG_TABLE,
+  STAT_WRITE_BYTES,
+  STAT_WRITE_COUNT,
+  STAT_ZERO_BYTES,
+} from "../engine/shared_state.ts";
+import { KEY_F_CRC_VALID as CRC_VALID_FLAG, INSERT_OK_SPARE_USED } from "../index/key_index.ts";
+
+/** One piece of a request: a key to be. */
+export interface Piece extends DataAlloc {
+  off: number;
+  flags: number;
+  data_crc: number;
+}
+
+/** Bytes from off to the next 4 MiB boundary. */
+export function spanLeft(off: number): number {
+  return SUBTREE_SPAN - (off % SUBTREE_SPAN);
+}
+
+export async function writePath(ctx: EngineContext, off: number, data: Uint8Array, fua: boolean): Promise<void> {
+  const len = data.length;
+  if (len === 0) return;
+  const pieces: Piece[] = [];
+  const dom = ctx.media.dom;
+  try {
+    let done = 0;
+    while (done < len) {
+      const piece_off = off + done;
+      const want = Math.min(len - done, spanLeft(piece_off));
+      const a = await ctx.waitForSpace("cache segment", () => ctx.segs.allocData(ctx.slot, want));
+      const src = data.subarray(done, done + a.len);
+      const at = ctx.media.dataOff(a.cache_seg_id, a.seg_off);
+      dom.write(at, src);
+      dom.flush(at, a.len);
+      const data_crc = ctx.media.data_crc ? crc32c(src) : 0;
+      pieces.push({ ...a, off: piece_off, flags: 0, data_crc });
+      done += a.len;
+    }
+    // The data is durable before any key can name it.
+    dom.fence();
+  } catch (err) {
+    for (const p of pieces) ctx.segs.put(p.cache_seg_id);
+    throw err;
+  }
+  await logPieces(ctx, pieces, fua);
+  ctx.s.addStat(ctx.slot, STAT_WRITE_COUNT, 1);
+  ctx.s.addStat(ctx.slot, STAT_WRITE_BYTES, len);
+}
+
+/**
+ * Insert each piece's key and append it to its kset; with fua, close every kset that received
+ * one before returning. Pieces not logged (on error) give back their segment reference.
+ */
+export async function logPieces(ctx: EngineContext, pieces: Piece[], fua: boolean): Promise<void> {
+  const touched = new Set<number>();
+  let i = 0;
+  try {
+    for (; i < pieces.length; i++) {
+      await insertAndLog(ctx, pieces[i]);
+      touched.add(ctx.log.ksetIdOf(pieces[i].off));
+    }
+  } catch (err) {
+    for (; i < pieces.length; i++) ctx.segs.put(pieces[i].cache_seg_id);
+    throw err;
+  }
+  if (!fua) return;
+  for (const kset_id of touched) await ctx.log.closeWaiting(kset_id, ctx.limits.space_wait_ms);
+}
+
+/** Two index nodes: one for the key, one spare for a split. */
+function allocNodePair(ctx: EngineContext): [number, number] | null {
+  const a = ctx.idx.allocNode();
+  if (a < 0) return null;
+  const b = ctx.idx.allocNode();
+  if (b < 0) {
+    ctx.idx.freeNode(a);
+    return null;
+  }
+  return [a, b];
+}
+
+async function insertAndLog(ctx: EngineContext, p: Piece): Promise<void> {
+  assert(p.len > 0 && Math.floor(p.off / SUBTREE_SPAN) === Math.floor((p.off + p.len - 1) / SUBTREE_SPAN), "piece crosses a 4 MiB boundary");
+  const { idx, log } = ctx;
+  const sub = idx.subtreeOf(p.off);
+  const kset_id = log.ksetIdOf(p.off);
+  for (;;) {
+    const [node, spare] = await ctx.waitForSpace("index node", () => allocNodePair(ctx));
+    setNode(ctx, node, p);
+    let logged = false;
+    let spare_used = false;
+    idx.lockSubtree(sub);
+    log.lock(kset_id);
+    try {
+      if (!log.isFull(kset_id) || log.close(kset_id)) {
+        spare_used = idx.insert(sub, node, spare, ctx.isStale) === INSERT_OK_SPARE_USED;
+        const key = { off: p.off, len: p.len, flags: p.flags, cache_seg_id: p.cache_seg_id, cache_seg_off: p.seg_off, seg_gen: p.seg_gen, data_crc: p.data_crc };
+        if (log.append(kset_id, key) === KSET_KEYS_MAX) log.close(kset_id); // stays full if no room: the next appender retries
+        logged = true;
+      }
+    } finally {
+      log.unlock(kset_id);
+      idx.unlockSubtree(sub);
+    }
+    if (!spare_used) idx.freeNode(spare);
+    if (logged) return;
+    idx.freeNode(node);
+    // The kset is full and the log had no segment to roll into: wait for GC, then retry.
+    await log.closeWaiting(kset_id, ctx.limits.space_wait_ms);
+  }
+}
+
+function setNode(ctx: EngineContext, id: number, p: Piece): void {
+  const idx = ctx.idx;
+  idx.off[id] = p.off;
+  idx.len[id] = p.len;
+  idx.cache_seg_id[id] = p.cache_seg_id;
+  idx.seg_off[id] = p.seg_off;
+  idx.seg_gen[id] = p.seg_gen;
+  idx.flags[id] = p.flags | (ctx.media.data_crc ? CRC_VALID_FLAG : 0);
+  idx.data_crc[id] = p.data_crc;
+  idx.crc_seg_off[id] = p.seg_off;
+  idx.crc_len[id] = p.len;
+}
+
+// ---- write-zeroes and trim ----
+
+/** The zero extent: SUBTREE_SPAN durable zero bytes in a segment that is never freed. */
+async function zeroExtent(ctx: EngineContext): Promise<DataAlloc> {
+  const s = ctx.s;
+  for (;;) {
+    const seg = Atomics.load(s.ctl, CTL_ZERO_SEG);
+    if (seg >= 0) return { cache_seg_id: seg, seg_off: Atomics.load(s.ctl, CTL_ZERO_OFF), len: SUBTREE_SPAN, seg_gen: ctx.segs.gen(seg) };
+    const fresh = await ctx.waitForSpace("cache segment", () => {
+      const id = ctx.segs.allocSegment(false);
+      return id < 0 ? null : id;
+    });
+    ctx.segs.get(fresh); // held for as long as the server runs
+    zeroRange(ctx.media.dom, ctx.media.dataOff(fresh, 0), SUBTREE_SPAN);
+    ctx.media.dom.fence();
+    lock(s.locks, LOCK_SEG_TABLE);
+    const won = s.ctl[CTL_ZERO_SEG] < 0;
+    if (won) {
+      s.ctl[CTL_ZERO_OFF] = 0;
+      Atomics.store(s.ctl, CTL_ZERO_SEG, fresh);
+    }
+    unlock(s.locks, LOCK_SEG_TABLE);
+    if (!won) ctx.segs.put(fresh); // another thread made one first
+  }
+}
+
+const zero_crc_by_len = new Map<number, number>();
+
+function zeroCrc(len: number): number {
+  let crc = zero_crc_by_len.get(len);
+  if (crc === undefined) {
+    crc = crc32c(new Uint8Array(len));
+    if (zero_crc_by_len.size < 64) zero_crc_by_len.set(len, crc);
+  }
+  return crc;
+}
+
+/** Write-zeroes and trim: every later read of the range returns zeroes, before and after restart. */
+export async function zeroPath(ctx: EngineContext, off: number, len: number, fua: boolean): Promise<void> {
+  if (len === 0) return;
+  const z = await zeroExtent(ctx);
+  const pieces: Piece[] = [];
+  for (let done = 0; done < len; ) {
+    const piece_off = off + done;
+    const n = Math.min(len - done, spanLeft(piece_off));
+    ctx.segs.get(z.cache_seg_id);
+    pieces.push({ ...z, off: piece_off, len: n, flags: 0, data_crc: ctx.media.data_crc ? zeroCrc(n) : 0 });
+    done += n;
+  }
+  await logPieces(ctx, pieces, fua);
+  ctx.s.addStat(ctx.slot, STAT_ZERO_BYTES, len);
+}

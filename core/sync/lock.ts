@@ -1,0 +1,88 @@
+/**
+ * Mutual exclusion between worker threads on an Int32Array over a SharedArrayBuffer.
+ *
+ * Each lock is one Int32 word with three states (the classic futex mutex):
+ *
+ *   LOCK_FREE (0)       nobody holds it
+ *   LOCK_HELD (1)       held, nobody is sleeping on it
+ *   LOCK_CONTENDED (2)  held, and some thread may be sleeping in Atomics.wait on it
+ *
+ * The uncontended path is one compareExchange to lock and one exchange to unlock; unlock only
+ * calls Atomics.notify when the word said 2, so a lock nobody waits for never enters the engine's
+ * wait queue. A contender first spins a bounded number of loads (the holders are short: the
+ * critical sections below never do I/O or wait on other threads), then marks the word 2 and
+ * sleeps. Spinning is kept short because the machines this runs on may have only two cores
+ * (bun-platform-notes §4: 1000 loads then wait cost 3.6 µs per round trip, pure spin burns both
+ * cores).
+ *
+ * These locks are not re-entrant and carry no owner: locking twice from one thread deadlocks.
+ * They block the calling thread, so they are only for critical sections that cannot await.
+ *
+ * Lock order (outer -> inner). A thread holding a lock may only take locks further down this list,
+ * never one above it and never a second lock of the same level:
+ *
+ *   1. subtree        (key index, one per 4 MiB of the backing device)
+ *   2. kset           (one per in-memory kset)
+ *   3. key_head       (log append position)
+ *   4. segment table  (seg_map, refcounts, generations)
+ *
+ * The key index's node-pool free-list lock (core/index/key_index.ts) is a leaf: it may be taken
+ * under any of the above and nothing is taken under it.
+ */
+import { AssertionError } from "../assert.ts";
+
+/** A failed internal check (an AssertionError); callers build the message only on failure. */
+function broken(message: string): never {
+  throw new AssertionError(`assertion failed: ${message}`);
+}
+
+export const LOCK_FREE = 0;
+export const LOCK_HELD = 1;
+export const LOCK_CONTENDED = 2;
+
+/**
+ * Loads before a contender goes to sleep. Each iteration is one Atomics.load (a few ns), so this
+ * is well under a microsecond: enough to catch a holder that is about to release, short enough
+ * not to matter when the holder was descheduled.
+ */
+export const LOCK_SPIN_MAX = 256;
+
+/** Acquire words[i], sleeping in Atomics.wait if it stays held after a short spin. */
+export function lock(words: Int32Array, i: number): void {
+  let state = Atomics.compareExchange(words, i, LOCK_FREE, LOCK_HELD);
+  if (state === LOCK_FREE) return;
+  for (let spin = 0; spin < LOCK_SPIN_MAX; spin++) {
+    // Load first: a compareExchange per iteration would keep stealing the line from the holder.
+    if (Atomics.load(words, i) === LOCK_FREE) {
+      state = Atomics.compareExchange(words, i, LOCK_FREE, LOCK_HELD);
+      if (state === LOCK_FREE) return;
+    }
+  }
+  // Slow path. From here we always store 2, never 1: we cannot know whether other sleepers remain
+  // behind us, so the next unlock must notify. One extra notify is the price of never losing one.
+  if (state !== LOCK_CONTENDED) state = Atomics.exchange(words, i, LOCK_CONTENDED);
+  while (state !== LOCK_FREE) {
+    Atomics.wait(words, i, LOCK_CONTENDED);
+    state = Atomics.exchange(words, i, LOCK_CONTENDED);
+  }
+}
+
+/** Acquire words[i] if it is free right now; never waits. */
+export function tryLock(words: Int32Array, i: number): boolean {
+  return Atomics.compareExchange(words, i, LOCK_FREE, LOCK_HELD) === LOCK_FREE;
+}
+
+/** Release words[i]. Asserts it was held: unlocking a free lock is a bug in the caller. */
+export function unlock(words: Int32Array, i: number): void {
+  const state = Atomics.exchange(words, i, LOCK_FREE);
+  if (state === LOCK_CONTENDED) {
+    Atomics.notify(words, i, 1);
+    return;
+  }
+  if (state !== LOCK_HELD) broken(`unlock of a lock that was not held (word ${i}, state ${state})`);
+}
+
+/** Whether words[i] is held by someone (for assertions; the answer may be stale at once). */
+export function isLocked(words: Int32Array, i: number): boolean {
+  return Atomics.load(words, i) !== LOCK_FREE;
+}

@@ -1,0 +1,42 @@
+/**
+ * The keys of one kset reduced to non-overlapping extents, later keys winning (they are in log
+ * order), as the kernel does by inserting them into a private tree with overlap fixup. A kset has
+ * at most 128 keys, so a quadratic cut is cheap and obviously right.
+ */
+export interface KsetKey {
+  off: number;
+  len: number;
+  flags: number;
+  cache_seg_id: number;
+  cache_seg_off: number;
+  seg_gen: number;
+}
+
+export interface Extent {
+  off: number;
+  len: number;
+  flags: number;
+  cache_seg_id: number;
+  seg_off: number;
+  seg_gen: number;
+}
+
+export function dedupeKset(keys: readonly KsetKey[]): Extent[] {
+  let extents: Extent[] = [];
+  for (const k of keys) {
+    const k_end = k.off + k.len;
+    const kept: Extent[] = [];
+    for (const e of extents) {
+      const e_end = e.off + e.len;
+      if (e_end <= k.off || e.off >= k_end) {
+        kept.push(e);
+        continue;
+      }
+      if (e.off < k.off) kept.push({ ...e, len: k.off - e.off });
+      if (e_end > k_end) kept.push({ ...e, off: k_end, len: e_end - k_end, seg_off: e.seg_off + (k_end - e.off) });
+    }
+    kept.push({ off: k.off, len: k.len, flags: k.flags, cache_seg_id: k.cache_seg_id, seg_off: k.cache_seg_off, seg_gen: k.seg_gen });
+    extents = kept;
+  }
+  return extents;
+}

@@ -1,0 +1,172 @@
+/**
+ * Writeback (reference §2.9): from dirty_tail, one kset at a time in log order. The dirty extents
+ * of a kset (deduplicated, later keys win) go to the backing device with several writes in
+ * flight; then the backing device is flushed; only then is the new dirty_tail persisted. So the
+ * backing device always holds the initial image with a prefix of the log applied, at kset
+ * granularity, whatever happens to the cache device.
+ *
+ * Failures never move dirty_tail: the same kset is retried with a growing delay, and the state is
+ * logged once when it begins and once when it ends.
+ */
+import { assert } from "../assert.ts";
+import { KEY_F_CLEAN } from "../format/constants.ts";
+import { isZero } from "../persist/zero.ts";
+import type { CacheMeta } from "../format/load_cache.ts";
+import type { WalkMeta } from "../log/walk.ts";
+import { readKsetAt, type DecodedKset } from "../log/read_kset.ts";
+import { lock, unlock } from "../sync/lock.ts";
+import { waitChangeAsync } from "../sync/wait_word.ts";
+import type { EngineContext } from "../engine/context.ts";
+import {
+  CTL_STOPPING,
+  CTL_WRITEBACK_ERROR,
+  CTL_WRITEBACK_PAUSED,
+  LOCK_DIRTY_TAIL,
+  LOCK_KEY_HEAD,
+  POS_DIRTY_TAIL,
+  POS_KEY_HEAD,
+  STAT_ERR_BACKING_WRITE,
+  STAT_WRITEBACK_BYTES,
+  STAT_WRITEBACK_KSETS,
+  WAIT_CONTROL,
+  WAIT_DIRTY_TAIL,
+  WAIT_LOG_APPENDED,
+} from "../engine/shared_state.ts";
+import { dedupeKset, type Extent } from "./dedupe.ts";
+
+/** Backing writes in flight for one kset. */
+export const WRITEBACK_QD = 16;
+/** Retry delays after a backing error: from the first to the cap, doubling. */
+export const RETRY_DELAY_MS_MIN = 100;
+export const RETRY_DELAY_MS_MAX = 10_000;
+/** Idle wait when there is nothing to write back (a new kset wakes us sooner). */
+export const IDLE_WAIT_MS = 5_000;
+
+export class Writeback {
+  private retry_delay_ms = RETRY_DELAY_MS_MIN;
+  private failing = false;
+  private corrupt_reported = false;
+  retries = 0;
+
+  constructor(
+    private readonly ctx: EngineContext,
+    meta: CacheMeta,
+  ) {
+    // Generations change while we run: stale-ness is judged against the shared table.
+    this.walk_meta = { n_segs: meta.n_segs, seg_ids: meta.seg_ids, seg_gens: ctx.s.seg_gens, data_crc: meta.data_crc };
+  }
+
+  private readonly walk_meta: WalkMeta;
+
+  /** Run until the engine stops. */
+  async run(): Promise<void> {
+    const s = this.ctx.s;
+    while (Atomics.load(s.ctl, CTL_STOPPING) === 0) {
+      if (Atomics.load(s.ctl, CTL_WRITEBACK_PAUSED) !== 0) {
+        const seen = Atomics.load(s.waits, WAIT_CONTROL);
+        if (Atomics.load(s.ctl, CTL_WRITEBACK_PAUSED) !== 0) await waitChangeAsync(s.waits, WAIT_CONTROL, seen, IDLE_WAIT_MS);
+        continue;
+      }
+      const seen = Atomics.load(s.waits, WAIT_LOG_APPENDED);
+      const outcome = await this.step();
+      if (outcome === "progress") continue;
+      if (outcome === "error") {
+        await waitChangeAsync(s.waits, WAIT_CONTROL, Atomics.load(s.waits, WAIT_CONTROL), this.retry_delay_ms);
+        this.retry_delay_ms = Math.min(this.retry_delay_ms * 2, RETRY_DELAY_MS_MAX);
+        continue;
+      }
+      await waitChangeAsync(s.waits, WAIT_LOG_APPENDED, seen, IDLE_WAIT_MS);
+    }
+  }
+
+  /** Write back one kset (or follow one LAST kset). */
+  async step(): Promise<"progress" | "idle" | "error"> {
+    const { s, media } = this.ctx;
+    const dirty = { cache_seg_id: s.pos[POS_DIRTY_TAIL], seg_off: s.pos[POS_DIRTY_TAIL + 1] };
+    lock(s.locks, LOCK_KEY_HEAD);
+    const at_head = s.pos[POS_KEY_HEAD] === dirty.cache_seg_id && s.pos[POS_KEY_HEAD + 1] === dirty.seg_off;
+    unlock(s.locks, LOCK_KEY_HEAD);
+    if (at_head) return "idle";
+    const kset = readKsetAt(media.dom, this.walk_meta, dirty, { backing_size_bytes: media.backing_size_bytes, verify_data_crc: media.data_crc });
+    if (kset.kind === "end") {
+      // A closed kset between dirty_tail and key_head that does not parse: the log is damaged.
+      if (!this.corrupt_reported) this.ctx.logger.error(`writeback stopped: ${kset.reason} at dirty_tail ${dirty.cache_seg_id}:${dirty.seg_off}`);
+      this.corrupt_reported = true;
+      Atomics.store(s.ctl, CTL_WRITEBACK_ERROR, 5);
+      return "error";
+    }
+    if (kset.kind === "last") {
+      this.advance({ cache_seg_id: kset.next_cache_seg_id, seg_off: 0 });
+      return "progress";
+    }
+    try {
+      const bytes = await this.writeExtents(kset);
+      await this.ctx.backing.flush();
+      s.addStat(this.ctx.slot, STAT_WRITEBACK_BYTES, bytes);
+    } catch (err) {
+      this.noteFailure(err as Error);
+      return "error";
+    }
+    this.noteRecovery();
+    this.advance({ cache_seg_id: dirty.cache_seg_id, seg_off: dirty.seg_off + kset.size_bytes });
+    s.addStat(this.ctx.slot, STAT_WRITEBACK_KSETS, 1);
+    return "progress";
+  }
+
+  private async writeExtents(kset: DecodedKset & { kind: "normal" }): Promise<number> {
+    const bad = kset.keys.find((k) => k.crc_ok === false);
+    if (bad !== undefined) throw new Error(`data CRC mismatch in dirty key off=${bad.off} len=${bad.len} (segment ${bad.cache_seg_id})`);
+    const extents = dedupeKset(kset.keys).filter((e) => (e.flags & KEY_F_CLEAN) === 0);
+    extents.sort((a, b) => a.off - b.off);
+    let bytes = 0;
+    let next = 0;
+    const worker = async () => {
+      while (next < extents.length) {
+        const e = extents[next++];
+        await this.writeExtent(e);
+        bytes += e.len;
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(WRITEBACK_QD, extents.length) }, worker));
+    return bytes;
+  }
+
+  private async writeExtent(e: Extent): Promise<void> {
+    const { media, segs, backing } = this.ctx;
+    // Dirty data cannot be reclaimed before writeback passes it: its generation must be current.
+    assert(e.seg_gen === segs.gen(e.cache_seg_id), `dirty key off=${e.off} names a stale segment generation`);
+    const data = media.dom.view(media.dataOff(e.cache_seg_id, e.seg_off), e.len);
+    if (isZero(data)) await backing.writeZeroes(e.off, e.len);
+    else await backing.write(e.off, data);
+  }
+
+  private advance(pos: { cache_seg_id: number; seg_off: number }): void {
+    const s = this.ctx.s;
+    lock(s.locks, LOCK_DIRTY_TAIL);
+    try {
+      this.ctx.media.persistTail("dirty_tail", pos);
+      s.pos[POS_DIRTY_TAIL] = pos.cache_seg_id;
+      s.pos[POS_DIRTY_TAIL + 1] = pos.seg_off;
+    } finally {
+      unlock(s.locks, LOCK_DIRTY_TAIL);
+    }
+    s.signal(WAIT_DIRTY_TAIL);
+  }
+
+  private noteFailure(err: Error): void {
+    const s = this.ctx.s;
+    this.retries++;
+    s.addStat(this.ctx.slot, STAT_ERR_BACKING_WRITE, 1);
+    Atomics.store(s.ctl, CTL_WRITEBACK_ERROR, (err as { errno?: number }).errno ?? 5);
+    if (!this.failing) this.ctx.logger.error(`writeback: backing device errors began (${err.message}); dirty_tail stays, retrying`);
+    this.failing = true;
+  }
+
+  private noteRecovery(): void {
+    this.retry_delay_ms = RETRY_DELAY_MS_MIN;
+    if (!this.failing) return;
+    this.failing = false;
+    Atomics.store(this.ctx.s.ctl, CTL_WRITEBACK_ERROR, 0);
+    this.ctx.logger.info(`writeback: backing device errors ended after ${this.retries} retries`);
+  }
+}
