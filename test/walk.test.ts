@@ -200,20 +200,23 @@ describe("walkLog: well-formed logs", () => {
   });
 
   test("a torn kset write ends the log cleanly, it never makes it invalid", () => {
+    const outcomes = new Set<string>();
     for (let seed = 1; seed <= 12; seed++) {
       const dom = new SimDomain(SIZE_512M, { seed });
       const meta = formatCache(dom, { data_crc: false });
       const b = new LogBuilder(dom, meta);
       b.appendKset([{ off: 0, len: 512, cache_seg_id: 1, cache_seg_off: 0 }]);
-      b.head = { cache_seg_id: 0, seg_off: 64 };
       dom.crash_at_fence = dom.fence_count + 1;
-      const keys = Array.from({ length: 100 }, (_, i) => ({ off: i * 512, len: 512, cache_seg_id: 1, cache_seg_off: i * 512 }));
+      // A one-line kset sometimes survives whole; a 100-key one practically never does.
+      const keys = Array.from({ length: seed % 2 === 1 ? 1 : 100 }, (_, i) => ({ off: i * 512, len: 512, cache_seg_id: 1, cache_seg_off: i * 512 }));
       expect(() => b.appendKset(keys)).toThrow(SimCrash);
       const after = dom.recover({ seed });
       const r = walkLog(after, loadCache(after), meta.key_tail, {});
       expect(["zero_header", "bad_crc", "bad_magic"]).toContain(r.end_kind);
       expect([1, 2]).toContain(r.ksets);
+      outcomes.add(`${r.end_kind}/${r.ksets}`);
     }
+    expect(outcomes.size).toBeGreaterThan(1);
   });
 });
 

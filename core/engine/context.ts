@@ -49,6 +49,24 @@ export class EngineContext {
   }
 
   /**
+   * Allocate index nodes, waiting on the pool's wait word (freed nodes signal it) and kicking GC,
+   * which prunes stale keys. Fails with CacheFullError after the configured bound.
+   */
+  async waitForNodes<T>(ready: () => T | null): Promise<T> {
+    const deadline = Date.now() + this.limits.space_wait_ms;
+    for (;;) {
+      const got = ready();
+      if (got !== null) return got;
+      this.s.signal(WAIT_GC_KICK);
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        throw new CacheFullError(`index full: no key index node became free within ${this.limits.space_wait_ms} ms`);
+      }
+      await this.idx.waitForNodesAsync(2, Math.min(left, 1000));
+    }
+  }
+
+  /**
    * Wait until `ready()` returns a result (not null), sleeping on the segment-freed wait word and
    * kicking GC. Fails with CacheFullError after the configured bound.
    */

@@ -29,7 +29,6 @@ import {
   type ReplicaSlot,
   SEG_GEN_RECORD,
   SEGMENT_INFO_RECORD,
-  type Slot,
   type TailName,
   describeNoValidReplica,
   readReplicas,
@@ -190,7 +189,7 @@ function checkTail(dom: PersistDomain, which: TailName, n_segs: number): TailSta
   if (problem !== null) {
     fail(`${which} (slot ${t.slot} at ${hexOff(kind.offsetOf(0, t.slot))}, seq ${t.seq}): ${problem}`);
   }
-  return { cache_seg_id: t.value.cache_seg_id, seg_off: t.value.seg_off, slot: t.slot as Slot, seq: t.seq };
+  return { cache_seg_id: t.value.cache_seg_id, seg_off: t.value.seg_off, slot: t.slot, seq: t.seq };
 }
 
 /** Load and validate an existing cache's metadata. Read-only. */

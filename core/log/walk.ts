@@ -27,7 +27,7 @@
  */
 import { assert } from "../assert.ts";
 import { InvalidDeviceError } from "../errors.ts";
-import { hex32, hex64, isAllZero } from "../format/bytes.ts";
+import { dataView, hex32, hex64, isAllZero } from "../format/bytes.ts";
 import {
   KEY_SIZE,
   KSET_HEADER_SIZE,
@@ -41,7 +41,6 @@ import {
 import { crc32c } from "../format/crc.ts";
 import { type DecodedKey, decodeKeyAt } from "../format/key.ts";
 import { decodeKsetHeader, ksetCrc } from "../format/kset.ts";
-import { dataView } from "../format/bytes.ts";
 import type { PersistDomain } from "../persist/domain.ts";
 import { type CachePos, dataDevOffset, devOffsetOf, posProblem, posToString } from "./position.ts";
 
@@ -225,7 +224,18 @@ export function walkLog(
         if (!crc_ok) res.bad_crc_keys++;
       }
       if (stale) res.stale_keys++;
-      keys.push({ ...k, index: i, stale, crc_ok });
+      keys.push({
+        off: k.off,
+        len: k.len,
+        flags: k.flags,
+        cache_seg_id: k.cache_seg_id,
+        cache_seg_off: k.cache_seg_off,
+        seg_gen: k.seg_gen,
+        data_crc: k.data_crc,
+        index: i,
+        stale,
+        crc_ok,
+      });
     }
     res.ksets++;
     res.keys += key_num;

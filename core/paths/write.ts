@@ -105,7 +105,7 @@ async function insertAndLog(ctx: EngineContext, p: Piece): Promise<void> {
   const sub = idx.subtreeOf(p.off);
   const kset_id = log.ksetIdOf(p.off);
   for (;;) {
-    const [node, spare] = await ctx.waitForSpace("index node", () => allocNodePair(ctx));
+    const [node, spare] = await ctx.waitForNodes(() => allocNodePair(ctx));
     setNode(ctx, node, p);
     let logged = false;
     let spare_used = false;
