@@ -26,6 +26,7 @@ import {
   SharedState,
   type SharedStateBuffers,
   STAT_FLUSHES,
+  WAIT_WORDS,
 } from "./shared_state.ts";
 
 /** Errors the NBD layer maps to protocol error codes. */
@@ -195,8 +196,10 @@ export class Engine {
 
   /** Stop this thread's timers and close every kset (shutdown). */
   async close(): Promise<void> {
-    Atomics.store(this.ctx.s.ctl, CTL_STOPPING, 1);
     this.ctx.log.stopTimers();
     await this.ctx.log.closeAll(this.ctx.limits.space_wait_ms);
+    // Wake writeback and GC so they see the flag now rather than after their idle wait.
+    Atomics.store(this.ctx.s.ctl, CTL_STOPPING, 1);
+    for (let w = 0; w < WAIT_WORDS; w++) this.ctx.s.signal(w);
   }
 }
