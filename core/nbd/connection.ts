@@ -11,6 +11,7 @@
  * are at their caps, no new request is parsed and the socket is paused, so a client that
  * floods requests or never reads replies is held by TCP flow control, not by our memory.
  */
+import { BufferPool } from "./buffer_pool.ts";
 import { Handshake, type ExportConfig, type HandshakeLimits } from "./handshake.ts";
 import { describeError, type NbdLogger } from "./logger.ts";
 import { RecvBuffer } from "./recv_buffer.ts";
@@ -72,6 +73,10 @@ export interface ConnectionOptions {
   limits: ConnectionLimits;
   log: NbdLogger;
   label: string;
+  /** Shared by the connections of one server: READ reply buffers. */
+  read_pool: BufferPool;
+  /** Shared by the connections of one server: WRITE payloads that span receive chunks. */
+  write_pool: BufferPool;
 }
 
 export class NbdConnection {
@@ -100,12 +105,15 @@ export class NbdConnection {
   private readonly queue: Uint8Array[] = [];
   private queued_bytes = 0;
   private reading_paused = false;
+  /** The last parse stopped before a request header because a cap was reached. */
+  private blocked_on_caps = false;
   /** end() has been called (or must be, once the queue is empty). */
   private close_when_flushed = false;
   private ended = false;
   private is_closed = false;
   private pumping = false;
   private readonly hdr = W.newRequestHeader();
+  private readonly alloc_payload = (n: number) => this.opts.write_pool.acquire(n);
 
   constructor(
     private readonly socket: NbdSocket,
@@ -217,8 +225,6 @@ export class NbdConnection {
     }
   }
 
-  private blocked_on_caps = false;
-
   private parse(): void {
     const recv = this.recv;
     for (;;) {
@@ -273,7 +279,7 @@ export class NbdConnection {
         case Phase.WRITE_PAYLOAD: {
           const req = this.pending!;
           if (recv.length < req.length) return;
-          const payload = recv.take(req.length);
+          const payload = recv.take(req.length, this.alloc_payload);
           this.pending = null;
           this.phase = Phase.REQUEST_HEADER;
           this.dispatch(req, payload);
@@ -365,6 +371,8 @@ export class NbdConnection {
         },
       )
       .finally(() => {
+        // The export has finished with the payload (it copies what it keeps).
+        if (payload) this.opts.write_pool.release(payload);
         this.inflight--;
         this.inflight_bytes -= cost;
         this.pump();
@@ -380,6 +388,7 @@ export class NbdConnection {
       shutting_down: this.shutting_down,
       log: this.opts.log,
       label: this.label,
+      read_pool: this.opts.read_pool,
     };
     this.phase = Phase.REQUEST_HEADER;
   }
@@ -389,7 +398,10 @@ export class NbdConnection {
     if (this.is_closed || this.ended) return;
     if (this.queue.length === 0) {
       const n = this.write(bytes);
-      if (n === bytes.length) return;
+      if (n === bytes.length) {
+        this.opts.read_pool.release(bytes);
+        return;
+      }
       bytes = bytes.subarray(n);
     }
     this.queue.push(bytes);
@@ -412,6 +424,8 @@ export class NbdConnection {
         return;
       }
       this.queue.shift();
+      // Bun copied every byte into the kernel; the buffer may be reused.
+      this.opts.read_pool.release(head);
     }
   }
 

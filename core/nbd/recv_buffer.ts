@@ -33,14 +33,17 @@ export class RecvBuffer {
     return { bytes: this.gather(n), at: 0 };
   }
 
-  /** Removes and returns the next `n` bytes (a view when they sit in one chunk). */
-  take(n: number): Uint8Array {
+  /**
+   * Removes and returns the next `n` bytes: a view when they sit in one chunk, else a buffer
+   * from `alloc` (default: a new one) that they are gathered into.
+   */
+  take(n: number, alloc?: (n: number) => Uint8Array): Uint8Array {
     assert(n <= this.total, "take within buffered bytes");
     if (n === 0) return new Uint8Array(0);
     const c = this.chunks[this.first]!;
     let out: Uint8Array;
     if (c.length - this.head >= n) out = c.subarray(this.head, this.head + n);
-    else out = this.gather(n);
+    else out = this.gather(n, alloc ? alloc(n) : undefined);
     this.consume(n);
     return out;
   }
@@ -60,8 +63,9 @@ export class RecvBuffer {
     this.total = 0;
   }
 
-  private gather(n: number): Uint8Array {
-    const out = new Uint8Array(n);
+  private gather(n: number, into?: Uint8Array): Uint8Array {
+    const out = into ?? new Uint8Array(n);
+    assert(out.length === n, "gather target has the requested length");
     let at = 0;
     let i = this.first;
     let pos = this.head;

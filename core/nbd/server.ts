@@ -16,6 +16,7 @@
 import { lstatSync, unlinkSync } from "node:fs";
 import { PcacheError } from "../errors.ts";
 import { assert } from "../assert.ts";
+import { BufferPool } from "./buffer_pool.ts";
 import { NbdConnection, DEFAULT_CONNECTION_LIMITS, type ConnectionLimits, type NbdSocket } from "./connection.ts";
 import type { NbdExport } from "./export.ts";
 import type { ExportConfig } from "./handshake.ts";
@@ -142,6 +143,9 @@ export class NbdServer {
   private readonly listeners: Array<{ listener: BunListener; info: ListenInfo }> = [];
   private next_id = 1;
   private stopping: Promise<void> | null = null;
+  /** Separate pools so a reused buffer only ever held the same kind of data (see buffer_pool.ts). */
+  private readonly read_pool = new BufferPool();
+  private readonly write_pool = new BufferPool();
 
   constructor(opts: NbdServerOptions) {
     const name = opts.export_name ?? "";
@@ -290,7 +294,14 @@ export class NbdServer {
     }
     const id = this.next_id++;
     const peer = s.remoteAddress ? ` ${s.remoteAddress}` : "";
-    const conn = new NbdConnection(s, { config: this.config, limits: this.limits, log: this.log, label: `conn#${id}${peer}` });
+    const conn = new NbdConnection(s, {
+      config: this.config,
+      limits: this.limits,
+      log: this.log,
+      label: `conn#${id}${peer}`,
+      read_pool: this.read_pool,
+      write_pool: this.write_pool,
+    });
     s.data = conn;
     this.connections.add(conn);
     this.log("debug", `${conn.label}: accepted`);

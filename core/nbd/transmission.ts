@@ -11,6 +11,7 @@
  * selected context => EINVAL; anything after shutdown began => ESHUTDOWN.
  * Zero-length READ/WRITE/TRIM/ZERO/CACHE succeed and do nothing.
  */
+import type { BufferPool } from "./buffer_pool.ts";
 import type { NbdExport } from "./export.ts";
 import { describeError, type NbdLogger } from "./logger.ts";
 import * as W from "./wire.ts";
@@ -24,6 +25,8 @@ export interface Session {
   shutting_down: boolean;
   readonly log: NbdLogger;
   readonly label: string;
+  /** Where READ reply buffers come from; the connection releases them once written. */
+  readonly read_pool: BufferPool;
 }
 
 /** A request copied out of the receive buffer, ready to run asynchronously. */
@@ -75,6 +78,7 @@ function allowedFlags(type: number): number {
  */
 export function validateRequest(hdr: W.RequestHeader, s: Session): Rejection | null {
   const t = hdr.type;
+  // DISC never gets here (the connection handles it: no reply); treat it like any unknown type.
   if (t > W.CMD_BLOCK_STATUS || t === W.CMD_DISC) return R_UNKNOWN_COMMAND;
   if ((hdr.flags & ~allowedFlags(t)) !== 0) return R_BAD_FLAGS;
   if ((hdr.flags & W.CMD_FLAG_DF) !== 0 && !s.structured_replies) return R_DF_WITHOUT_SR;
@@ -232,14 +236,25 @@ async function read(req: Request, s: Session): Promise<Uint8Array> {
     if (n === 0) return W.encodeNoneChunk(req.cookie_hi, req.cookie_lo);
     // One OFFSET_DATA chunk covering the whole range, which also satisfies DF. The export
     // reads straight into the reply buffer so header and data leave in one write.
-    const buf = new Uint8Array(W.OFFSET_DATA_PREFIX_BYTES + n);
-    await s.export.read(req.offset, n, buf.subarray(W.OFFSET_DATA_PREFIX_BYTES));
+    const buf = await readInto(s, req, W.OFFSET_DATA_PREFIX_BYTES);
     W.writeOffsetDataPrefix(buf, W.REPLY_FLAG_DONE, req.cookie_hi, req.cookie_lo, req.offset, n);
     return buf;
   }
-  const buf = new Uint8Array(W.SIMPLE_REPLY_BYTES + n);
-  if (n > 0) await s.export.read(req.offset, n, buf.subarray(W.SIMPLE_REPLY_BYTES));
+  if (n === 0) return okReply(req);
+  const buf = await readInto(s, req, W.SIMPLE_REPLY_BYTES);
   W.writeSimpleReplyHeader(buf, 0, req.cookie_hi, req.cookie_lo);
+  return buf;
+}
+
+/** A reply buffer of `prefix` header bytes then the data, which the export reads into. */
+async function readInto(s: Session, req: Request, prefix: number): Promise<Uint8Array> {
+  const buf = s.read_pool.acquire(prefix + req.length);
+  try {
+    await s.export.read(req.offset, req.length, buf.subarray(prefix));
+  } catch (e) {
+    s.read_pool.release(buf);
+    throw e;
+  }
   return buf;
 }
 

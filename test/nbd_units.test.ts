@@ -1,0 +1,183 @@
+/**
+ * Unit tests for the NBD layer's pure pieces: receive buffer, buffer pool, extent clipping,
+ * listen-address parsing, socket-activation detection, and the memory export.
+ */
+import { describe, expect, test } from "bun:test";
+import { BufferPool } from "../core/nbd/buffer_pool.ts";
+import { RecvBuffer } from "../core/nbd/recv_buffer.ts";
+import { clipExtents, BLOCK_STATUS_EXTENTS_MAX } from "../core/nbd/transmission.ts";
+import { parseListenAddress, socketActivationFd } from "../core/nbd/server.ts";
+import { MemoryExport } from "../core/nbd/memory_export.ts";
+import { STATE_HOLE, STATE_ZERO } from "../core/nbd/wire.ts";
+import { PcacheError } from "../core/errors.ts";
+
+describe("RecvBuffer", () => {
+  test("peek/take/skip across chunk boundaries, zero-copy inside one chunk", () => {
+    const r = new RecvBuffer();
+    const a = Uint8Array.of(1, 2, 3);
+    const b = Uint8Array.of(4, 5);
+    const c = Uint8Array.of(6, 7, 8, 9);
+    r.push(a);
+    r.push(new Uint8Array(0));
+    r.push(b);
+    r.push(c);
+    expect(r.length).toBe(9);
+    const p = r.peek(2);
+    expect(p.bytes).toBe(a); // no copy
+    expect([...p.bytes.subarray(p.at, p.at + 2)]).toEqual([1, 2]);
+    const q = r.peek(5);
+    expect([...q.bytes.subarray(q.at, q.at + 5)]).toEqual([1, 2, 3, 4, 5]);
+    expect(r.skip(2)).toBe(2);
+    const t = r.take(1);
+    expect(t.buffer).toBe(a.buffer); // a view of the chunk
+    expect([...t]).toEqual([3]);
+    expect([...r.take(4)]).toEqual([4, 5, 6, 7]);
+    expect(r.length).toBe(2);
+    expect(r.skip(10)).toBe(2);
+    expect(r.length).toBe(0);
+  });
+
+  test("take() gathers into the allocator's buffer when the bytes span chunks", () => {
+    const r = new RecvBuffer();
+    for (let i = 0; i < 10; i++) r.push(new Uint8Array(100).fill(i));
+    const target = new Uint8Array(250);
+    const got = r.take(250, () => target);
+    expect(got).toBe(target);
+    expect(got[0]).toBe(0);
+    expect(got[100]).toBe(1);
+    expect(got[249]).toBe(2);
+    expect(r.length).toBe(750);
+  });
+
+  test("many small chunks: spent chunks are compacted", () => {
+    const r = new RecvBuffer();
+    for (let i = 0; i < 10_000; i++) {
+      r.push(Uint8Array.of(i & 255, 7));
+      expect(r.take(2)[0]).toBe(i & 255);
+    }
+    expect(r.length).toBe(0);
+  });
+});
+
+describe("BufferPool", () => {
+  test("small requests are plain allocations; large ones are reused after release", () => {
+    const pool = new BufferPool(4 * 65536);
+    const small = pool.acquire(100);
+    expect(small.length).toBe(100);
+    pool.release(small);
+    expect(pool.pooled_free_bytes).toBe(0);
+    const big = pool.acquire(70_000);
+    expect(big.length).toBe(70_000);
+    expect(big.buffer.byteLength).toBe(131072);
+    pool.release(big.subarray(5000)); // any view of it
+    expect(pool.pooled_free_bytes).toBe(131072);
+    pool.release(big); // second release ignored
+    expect(pool.pooled_free_bytes).toBe(131072);
+    const again = pool.acquire(100_000);
+    expect(again.buffer).toBe(big.buffer);
+    expect(pool.pooled_free_bytes).toBe(0);
+  });
+
+  test("foreign buffers are never taken in; the free list is capped", () => {
+    const pool = new BufferPool(131072);
+    pool.release(new Uint8Array(65536 * 4));
+    expect(pool.pooled_free_bytes).toBe(0);
+    const a = pool.acquire(65536);
+    const b = pool.acquire(65536);
+    const c = pool.acquire(65536);
+    pool.release(a);
+    pool.release(b);
+    pool.release(c); // over the cap: left to the GC
+    expect(pool.pooled_free_bytes).toBe(131072);
+  });
+});
+
+describe("clipExtents", () => {
+  const H = STATE_HOLE | STATE_ZERO;
+  test("clips to the request, merges equal neighbours, masks flags", () => {
+    expect(clipExtents([{ length: 100, flags: 0 }, { length: 100, flags: 0x80 }, { length: 1000, flags: H }], 500, false)).toEqual([
+      { length: 200, flags: 0 },
+      { length: 300, flags: H },
+    ]);
+  });
+  test("REQ_ONE returns one extent", () => {
+    expect(clipExtents([{ length: 10, flags: H }, { length: 10, flags: 0 }], 20, true)).toEqual([{ length: 10, flags: H }]);
+    expect(clipExtents([{ length: 50, flags: H }], 20, true)).toEqual([{ length: 20, flags: H }]);
+  });
+  test("stops at the first malformed extent; nothing usable => empty", () => {
+    expect(clipExtents([{ length: 10, flags: 0 }, { length: 0, flags: 0 }, { length: 10, flags: H }], 30, false)).toEqual([
+      { length: 10, flags: 0 },
+    ]);
+    expect(clipExtents([{ length: -1, flags: 0 }], 30, false)).toEqual([]);
+    expect(clipExtents([{ length: 1.5, flags: 0 }], 30, false)).toEqual([]);
+    expect(clipExtents(null, 30, false)).toEqual([]);
+    expect(clipExtents([], 30, false)).toEqual([]);
+  });
+  test("caps the number of extents", () => {
+    const many = Array.from({ length: BLOCK_STATUS_EXTENTS_MAX + 10 }, (_, i) => ({ length: 1, flags: i & 1 }));
+    expect(clipExtents(many, many.length, false).length).toBe(BLOCK_STATUS_EXTENTS_MAX);
+  });
+});
+
+describe("parseListenAddress", () => {
+  test("forms", () => {
+    expect(parseListenAddress("tcp://127.0.0.1:10809")).toEqual({ kind: "tcp", host: "127.0.0.1", port: 10809 });
+    expect(parseListenAddress("tcp://localhost")).toEqual({ kind: "tcp", host: "localhost", port: 10809 });
+    expect(parseListenAddress("0.0.0.0:0")).toEqual({ kind: "tcp", host: "0.0.0.0", port: 0 });
+    expect(parseListenAddress("tcp://[::1]:1234")).toEqual({ kind: "tcp", host: "::1", port: 1234 });
+    expect(parseListenAddress("tcp://[::1]")).toEqual({ kind: "tcp", host: "::1", port: 10809 });
+    expect(parseListenAddress("unix:/run/p.sock")).toEqual({ kind: "unix", path: "/run/p.sock" });
+    expect(parseListenAddress("unix:///run/p.sock")).toEqual({ kind: "unix", path: "/run/p.sock" });
+    expect(parseListenAddress("fd:3")).toEqual({ kind: "fd", fd: 3 });
+  });
+  test("bad forms are PcacheErrors with a one-line reason", () => {
+    for (const bad of ["tcp://:80", "tcp://h:99999", "tcp://h:x", "unix:", "fd:-1", "fd:x", "tcp://[::1", "tcp://[::1]x"]) {
+      expect(() => parseListenAddress(bad)).toThrow(PcacheError);
+    }
+  });
+});
+
+describe("socketActivationFd", () => {
+  test("LISTEN_PID must be ours and LISTEN_FDS >= 1; variables are removed", () => {
+    const env: Record<string, string | undefined> = { LISTEN_PID: "42", LISTEN_FDS: "1", LISTEN_FDNAMES: "x" };
+    expect(socketActivationFd(env, 42)).toBe(3);
+    expect(env.LISTEN_PID).toBeUndefined();
+    expect(env.LISTEN_FDNAMES).toBeUndefined();
+    expect(socketActivationFd({ LISTEN_PID: "41", LISTEN_FDS: "1" }, 42)).toBeNull();
+    expect(socketActivationFd({ LISTEN_PID: "42", LISTEN_FDS: "0" }, 42)).toBeNull();
+    expect(socketActivationFd({}, 42)).toBeNull();
+    const keep: Record<string, string | undefined> = { LISTEN_PID: "42", LISTEN_FDS: "2" };
+    expect(socketActivationFd(keep, 42, false)).toBe(3);
+    expect(keep.LISTEN_PID).toBe("42");
+  });
+});
+
+describe("MemoryExport", () => {
+  test("sparse: reads of holes are zero, block status merges, trim/zero behave", async () => {
+    const m = new MemoryExport({ size_bytes: 1 << 20 });
+    expect(m.allocated_bytes).toBe(0);
+    await m.write(65536 + 10, new Uint8Array(20).fill(7), false);
+    expect(m.allocated_bytes).toBe(65536);
+    const dst = new Uint8Array(100).fill(9);
+    await m.read(65536, 100, dst);
+    expect(dst[9]).toBe(0);
+    expect(dst[10]).toBe(7);
+    expect(await m.blockStatus(0, 1 << 20)).toEqual([
+      { length: 65536, flags: 3 },
+      { length: 65536, flags: 0 },
+      { length: (1 << 20) - 131072, flags: 3 },
+    ]);
+    await m.writeZeroes(65536, 65536, { fua: false, no_hole: true, fast_zero: false });
+    expect(m.allocated_bytes).toBe(65536);
+    expect(m.peek(65536, 65536).every((b) => b === 0)).toBe(true);
+    await m.trim(0, 1 << 20, false);
+    expect(m.allocated_bytes).toBe(0);
+  });
+
+  test("fast_zero: false => ENOTSUP; fail knob carries errno", async () => {
+    const m = new MemoryExport({ size_bytes: 1 << 20, fast_zero: false, fail: (op) => (op === "flush" ? 5 : undefined) });
+    await expect(m.writeZeroes(0, 10, { fua: false, no_hole: false, fast_zero: true })).rejects.toMatchObject({ errno: 95 });
+    await expect(m.flush()).rejects.toMatchObject({ errno: 5 });
+    expect(m.inflight_now).toBe(0);
+  });
+});
