@@ -1004,6 +1004,21 @@ describe("connection behaviour", () => {
     await expect(RawClient.connect(s.target).then((x) => x.read(1, 500))).rejects.toThrow();
   });
 
+  test("stop during an option: it is answered ERR_SHUTDOWN, then the server closes", async () => {
+    const s = await server();
+    const c = await client(s);
+    await startHandshake(c);
+    const opt = option(W.OPT_LIST);
+    c.send(opt.subarray(0, 8)); // half of the option header is in
+    await Bun.sleep(20);
+    const stopped = s.server.stop({ timeout_ms: 2000 });
+    await Bun.sleep(20);
+    c.send(opt.subarray(8));
+    await expectBytes(c, optReply(W.OPT_LIST, W.REP_ERR_SHUTDOWN, str("server is shutting down")));
+    expect(await c.waitClosed(2000)).toBe(true);
+    await stopped;
+  });
+
   test("stop: a connection stuck in the export is closed after the timeout", async () => {
     const s = await server({ memory: { gate: () => new Promise(() => {}) } });
     const c = await simpleSession(s);

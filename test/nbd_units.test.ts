@@ -6,10 +6,13 @@ import { describe, expect, test } from "bun:test";
 import { BufferPool } from "../core/nbd/buffer_pool.ts";
 import { RecvBuffer } from "../core/nbd/recv_buffer.ts";
 import { clipExtents, BLOCK_STATUS_EXTENTS_MAX } from "../core/nbd/transmission.ts";
-import { parseListenAddress, socketActivationFd } from "../core/nbd/server.ts";
+import { NbdServer, parseListenAddress, socketActivationFd } from "../core/nbd/server.ts";
 import { MemoryExport } from "../core/nbd/memory_export.ts";
 import { STATE_HOLE, STATE_ZERO } from "../core/nbd/wire.ts";
 import { PcacheError } from "../core/errors.ts";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 
 describe("RecvBuffer", () => {
   test("peek/take/skip across chunk boundaries, zero-copy inside one chunk", () => {
@@ -179,5 +182,50 @@ describe("MemoryExport", () => {
     await expect(m.writeZeroes(0, 10, { fua: false, no_hole: false, fast_zero: true })).rejects.toMatchObject({ errno: 95 });
     await expect(m.flush()).rejects.toMatchObject({ errno: 5 });
     expect(m.inflight_now).toBe(0);
+  });
+});
+
+describe("NbdServer lifecycle", () => {
+  const quiet = () => {};
+
+  test("a live unix socket is not stolen; a stale one is replaced; the file goes away on stop", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "nbd-life-"));
+    const path = join(dir, "s.sock");
+    try {
+      const a = new NbdServer({ export: new MemoryExport({ size_bytes: 4096 }), log: quiet });
+      await a.listen(`unix:${path}`);
+      const b = new NbdServer({ export: new MemoryExport({ size_bytes: 4096 }), log: quiet });
+      await expect(b.listen(`unix:${path}`)).rejects.toThrow(/in use/);
+      await a.stop();
+      expect(existsSync(path)).toBe(false);
+      await expect(a.listen(`unix:${path}`)).rejects.toThrow(/stopping/);
+      await a.stop(); // idempotent
+      // A stale socket file (bound by a process that is gone, nobody listening) is replaced.
+      const bind = Bun.spawnSync(["/usr/bin/python3", "-c", `import socket; socket.socket(socket.AF_UNIX).bind(${JSON.stringify(path)})`]);
+      expect(bind.exitCode).toBe(0);
+      expect(existsSync(path)).toBe(true);
+      await b.listen(`unix:${path}`);
+      await b.stop();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("TCP: port 0 gets a real port; a busy port is a clear error", async () => {
+    const a = new NbdServer({ export: new MemoryExport({ size_bytes: 4096 }), log: quiet });
+    const info = await a.listen("tcp://127.0.0.1:0");
+    expect(info.kind === "tcp" && info.port > 0).toBe(true);
+    const b = new NbdServer({ export: new MemoryExport({ size_bytes: 4096 }), log: quiet });
+    const port = info.kind === "tcp" ? info.port : 0;
+    await expect(b.listen(`tcp://127.0.0.1:${port}`)).rejects.toThrow(PcacheError);
+    await a.stop();
+    await b.stop();
+  });
+
+  test("constructor refuses bad configuration with PcacheError", () => {
+    const ex = new MemoryExport({ size_bytes: 4096 });
+    expect(() => new NbdServer({ export: ex, export_name: "x".repeat(5000), log: quiet })).toThrow(PcacheError);
+    expect(() => new NbdServer({ export: ex, block_size_preferred: 1000, log: quiet })).toThrow(PcacheError);
+    expect(() => new NbdServer({ export: { ...ex, size_bytes: -1 } as never, log: quiet })).toThrow(PcacheError);
   });
 });

@@ -361,22 +361,31 @@ export class NbdConnection {
     const cost = req.type === W.CMD_READ || req.type === W.CMD_WRITE ? req.length : 0;
     this.inflight++;
     this.inflight_bytes += cost;
-    execute(req, payload, s)
-      .then(
-        (reply) => this.send(reply),
-        (e) => {
-          // execute() turns every failure into a reply; getting here is a bug.
-          this.opts.log("error", `${this.label}: internal error in request: ${describeError(e)}`);
-          this.drop("internal error");
-        },
-      )
-      .finally(() => {
-        // The export has finished with the payload (it copies what it keeps).
-        if (payload) this.opts.write_pool.release(payload);
-        this.inflight--;
-        this.inflight_bytes -= cost;
-        this.pump();
-      });
+    execute(req, payload, s).then(
+      (reply) => this.completed(cost, payload, reply, null),
+      (e: unknown) => this.completed(cost, payload, null, e),
+    );
+  }
+
+  /** A dispatched request finished. Never throws: the promise chain above has no catch. */
+  private completed(cost: number, payload: Uint8Array | null, reply: Uint8Array | null, error: unknown): void {
+    // The export is done with the payload (it copies what it keeps), so the buffer may be reused.
+    if (payload) this.opts.write_pool.release(payload);
+    this.inflight--;
+    this.inflight_bytes -= cost;
+    try {
+      if (reply) {
+        this.send(reply);
+      } else {
+        // execute() turns every failure into a reply; getting here is a bug.
+        this.opts.log("error", `${this.label}: internal error in request: ${describeError(error)}`);
+        this.drop("internal error");
+      }
+    } catch (e) {
+      this.opts.log("error", `${this.label}: sending a reply failed: ${describeError(e)}`);
+      this.drop("internal error");
+    }
+    this.pump();
   }
 
   private enterTransmission(): void {

@@ -25,6 +25,8 @@ import { BLOCK_SIZE_PREFERRED_DEFAULT, STRING_BYTES_MAX, utf8 } from "./wire.ts"
 
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_NBD_HOST = "127.0.0.1";
+/** Loopback only unless told otherwise. */
+export const DEFAULT_LISTEN_ADDRESS: ListenAddress = { kind: "tcp", host: DEFAULT_NBD_HOST, port: DEFAULT_NBD_PORT };
 /** First fd passed by systemd socket activation (SD_LISTEN_FDS_START). */
 export const SD_LISTEN_FDS_START = 3;
 
@@ -174,8 +176,11 @@ export class NbdServer {
     return this.listeners.map((l) => l.info);
   }
 
-  /** Starts listening. May be called more than once (e.g. TCP and a unix socket). */
-  async listen(address: ListenAddress | string): Promise<ListenInfo> {
+  /**
+   * Starts listening (default tcp://127.0.0.1:10809). May be called more than once (e.g. TCP
+   * and a unix socket). Throws PcacheError when the address is busy or invalid.
+   */
+  async listen(address: ListenAddress | string = DEFAULT_LISTEN_ADDRESS): Promise<ListenInfo> {
     if (this.stopping) throw new PcacheError("NBD server is stopping");
     const addr = typeof address === "string" ? parseListenAddress(address) : address;
     const socket = this.handlers();
@@ -195,6 +200,7 @@ export class NbdServer {
         info = { kind: "fd", fd: addr.fd };
       }
     } catch (e) {
+      if (e instanceof PcacheError) throw e;
       throw new PcacheError(`cannot listen on ${describeAddress(addr)}: ${describeError(e)}`);
     }
     this.listeners.push({ listener, info });

@@ -11,6 +11,7 @@
  * selected context => EINVAL; anything after shutdown began => ESHUTDOWN.
  * Zero-length READ/WRITE/TRIM/ZERO/CACHE succeed and do nothing.
  */
+import { assert } from "../assert.ts";
 import type { BufferPool } from "./buffer_pool.ts";
 import type { NbdExport } from "./export.ts";
 import { describeError, type NbdLogger } from "./logger.ts";
@@ -193,6 +194,10 @@ export const BLOCK_STATUS_EXTENTS_MAX = 65536;
  */
 export async function execute(req: Request, payload: Uint8Array | null, s: Session): Promise<Uint8Array> {
   const ex = s.export;
+  // The other side of validateRequest's boundary. A failure here is our bug: it rejects, and
+  // the connection logs it and closes (the export is never called with a bad range).
+  assert(Number.isSafeInteger(req.offset) && req.offset + req.length <= ex.size_bytes, "request range validated");
+  assert(req.type !== W.CMD_WRITE || (payload !== null && payload.length === req.length), "WRITE payload is complete");
   const fua = (req.flags & W.CMD_FLAG_FUA) !== 0;
   try {
     switch (req.type) {
