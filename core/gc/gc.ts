@@ -12,13 +12,13 @@ import { readKsetAt } from "../log/read_kset.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import { waitChangeAsync } from "../sync/wait_word.ts";
 import type { EngineContext } from "../engine/context.ts";
+import { advanceTail } from "../engine/tails.ts";
 import {
   CTL_CACHE_FULL,
   CTL_GC_ERROR,
   CTL_GC_PERCENT,
   CTL_STOPPING,
   LOCK_DIRTY_TAIL,
-  LOCK_KEY_TAIL,
   POS_DIRTY_TAIL,
   POS_KEY_TAIL,
   STAT_GC_RUNS,
@@ -118,16 +118,9 @@ export class Gc {
   }
 
   private advance(pos: { cache_seg_id: number; seg_off: number }): void {
-    const s = this.ctx.s;
-    lock(s.locks, LOCK_KEY_TAIL);
-    try {
-      this.ctx.media.persistTail("key_tail", pos);
-      s.pos[POS_KEY_TAIL] = pos.cache_seg_id;
-      s.pos[POS_KEY_TAIL + 1] = pos.seg_off;
-    } finally {
-      unlock(s.locks, LOCK_KEY_TAIL);
-    }
+    advanceTail(this.ctx, "key_tail", pos);
   }
+
 
   /** GC is disabled until restart after an error (as in the kernel), and says so once. */
   private stop(reason: string): "stopped" {

@@ -17,11 +17,11 @@ import { readKsetAt, type DecodedKset } from "../log/read_kset.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import { waitChangeAsync } from "../sync/wait_word.ts";
 import type { EngineContext } from "../engine/context.ts";
+import { advanceTail } from "../engine/tails.ts";
 import {
   CTL_STOPPING,
   CTL_WRITEBACK_ERROR,
   CTL_WRITEBACK_PAUSED,
-  LOCK_DIRTY_TAIL,
   LOCK_KEY_HEAD,
   POS_DIRTY_TAIL,
   POS_KEY_HEAD,
@@ -29,7 +29,6 @@ import {
   STAT_WRITEBACK_BYTES,
   STAT_WRITEBACK_KSETS,
   WAIT_CONTROL,
-  WAIT_DIRTY_TAIL,
   WAIT_LOG_APPENDED,
 } from "../engine/shared_state.ts";
 import { dedupeKset, type Extent } from "./dedupe.ts";
@@ -141,17 +140,9 @@ export class Writeback {
   }
 
   private advance(pos: { cache_seg_id: number; seg_off: number }): void {
-    const s = this.ctx.s;
-    lock(s.locks, LOCK_DIRTY_TAIL);
-    try {
-      this.ctx.media.persistTail("dirty_tail", pos);
-      s.pos[POS_DIRTY_TAIL] = pos.cache_seg_id;
-      s.pos[POS_DIRTY_TAIL + 1] = pos.seg_off;
-    } finally {
-      unlock(s.locks, LOCK_DIRTY_TAIL);
-    }
-    s.signal(WAIT_DIRTY_TAIL);
+    advanceTail(this.ctx, "dirty_tail", pos);
   }
+
 
   private noteFailure(err: Error): void {
     const s = this.ctx.s;
