@@ -1,3 +1,4 @@
+import { makeRng } from "../core/persist/sim.ts";
 import { describe, expect, test } from "bun:test";
 import { AssertionError } from "../core/assert.ts";
 import { MiB, SEG_DATA_SIZE, SUBTREE_SPAN } from "../core/format/constants.ts";
@@ -348,15 +349,7 @@ interface Rng {
 }
 
 function rng(seed: number): Rng {
-  let x = (Math.imul(seed ^ 0x5bd1e995, 0x9e3779b1) >>> 0) || 1;
-  const f = (() => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 0x1_0000_0000;
-  }) as Rng;
+  const f = makeRng(seed) as Rng;
   f.int = (n: number) => Math.floor(f() * n);
   return f;
 }

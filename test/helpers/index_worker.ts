@@ -12,6 +12,7 @@ import {
   NIL,
   type KeyIndexShared,
 } from "../../core/index/key_index.ts";
+import { makeRng as rng } from "../../core/persist/sim.ts";
 import { lock, tryLock, unlock } from "../../core/sync/lock.ts";
 import { readWord, signal, waitChange, waitChangeAsync } from "../../core/sync/wait_word.ts";
 
@@ -50,17 +51,6 @@ export type IndexWorkerReply =
 
 declare const self: Worker;
 
-function rng(seed: number): () => number {
-  let x = (Math.imul(seed ^ 0x2545f491, 0x9e3779b1) >>> 0) || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x / 0x1_0000_0000;
-  };
-}
 
 function sleepMs(ms: number): void {
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
