@@ -1,6 +1,8 @@
 import { describe, expect, test } from "bun:test";
 import { MemoryBacking } from "../core/device/memory_backing.ts";
+import { DataCrcError } from "../core/errors.ts";
 import { MiB } from "../core/format/constants.ts";
+import { KEY_F_CRC_VERIFIED } from "../core/index/key_index.ts";
 import { makeRng } from "../core/persist/sim.ts";
 import { drainWriteback, newHarness, openHarness, pattern } from "./helpers/engine_harness.ts";
 
@@ -64,13 +66,41 @@ describe("engine paths", () => {
   });
 });
 
+describe("data CRC", () => {
+  test("a cached extent damaged on the cache device reads as an error naming the key", async () => {
+    const h = newHarness(64 * MiB, { data_crc: true });
+    await h.engine.write(8192, pattern(4096, 5), false);
+    expect(await readBack(h, 8192, 4096)).toEqual(pattern(4096, 5));
+    const idx = h.engine.ctx.idx;
+    const t = idx.ceiling(idx.subtreeOf(8192), 8192);
+    // Damage the cached bytes and forget that they were verified: the next read must check.
+    idx.flags[t] &= ~KEY_F_CRC_VERIFIED;
+    const at = h.engine.ctx.media.dataOff(idx.cache_seg_id[t], idx.seg_off[t] + 100);
+    h.dom.write(at, new Uint8Array([h.dom.view(at, 1)[0] ^ 0xff]));
+    await expect(h.engine.read(8192, 4096, new Uint8Array(4096))).rejects.toBeInstanceOf(DataCrcError);
+    h.engine.ctx.log.stopTimers();
+  });
+
+  test("replay refuses a cache whose logged data no longer matches its CRC", async () => {
+    const h = newHarness(64 * MiB, { data_crc: true });
+    await h.engine.write(0, pattern(4096, 6), false);
+    await h.engine.flush();
+    h.engine.ctx.log.stopTimers();
+    const idx = h.engine.ctx.idx;
+    const t = idx.ceiling(0, 0);
+    const at = h.engine.ctx.media.dataOff(idx.cache_seg_id[t], idx.seg_off[t]);
+    h.dom.write(at, new Uint8Array([h.dom.view(at, 1)[0] ^ 0xff]));
+    expect(() => openHarness(h.dom, h.backing)).toThrow(/data CRC mismatch/);
+  });
+});
+
 describe("engine model test", () => {
   test("random writes, zeroes, reads, flushes, restarts, writeback and GC match a plain model", async () => {
     const BACKING = 48 * MiB;
     for (const seed of [1, 2, 3]) {
       const rng = makeRng(seed);
       const backing = new MemoryBacking(BACKING);
-      let h = newHarness(BACKING, { seed, gc_percent: 10 });
+      let h = newHarness(BACKING, { seed, gc_percent: 10, data_crc: seed === 3 });
       h = openHarness(h.dom, backing);
       const model = new Uint8Array(BACKING);
       const ops = 1500;

@@ -7,7 +7,8 @@
 import { InvalidDeviceError, PcacheError } from "../errors.ts";
 import { KEY_F_EMPTY, SEG_DATA_SIZE } from "../format/constants.ts";
 import type { CacheMeta } from "../format/load_cache.ts";
-import { KEY_F_CRC_VALID, KEY_F_CRC_VERIFIED, INSERT_OK_SPARE_USED } from "../index/key_index.ts";
+import { KEY_F_CRC_VERIFIED, INSERT_OK_SPARE_USED } from "../index/key_index.ts";
+import { posEqual } from "../log/position.ts";
 import { walkLog } from "../log/walk.ts";
 import { zeroRange } from "../persist/zero.ts";
 import type { EngineContext } from "./context.ts";
@@ -30,8 +31,6 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
   let stale_keys = 0;
   let ksets = 0;
   let spare = -1;
-  const samePos = (a: { cache_seg_id: number; seg_off: number }, b: { cache_seg_id: number; seg_off: number }) =>
-    a.cache_seg_id === b.cache_seg_id && a.seg_off === b.seg_off;
   let dirty_tail_seen = false;
   segs.markUsed(meta.key_tail.cache_seg_id);
   const walk = walkLog(
@@ -41,7 +40,7 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
     { backing_size_bytes: ctx.media.backing_size_bytes, verify_data_crc: meta.data_crc },
     (kset) => {
       ksets++;
-      if (samePos(kset.pos, meta.dirty_tail)) dirty_tail_seen = true;
+      if (posEqual(kset.pos, meta.dirty_tail)) dirty_tail_seen = true;
       if (kset.last) {
         segs.markUsed(kset.next_cache_seg_id!);
         return true;
@@ -66,15 +65,12 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
             `index pool exhausted during replay after ${keys} keys (${idx.nodes_max} nodes); start with a larger --index-nodes`,
           );
         }
-        idx.off[node] = k.off;
-        idx.len[node] = k.len;
-        idx.cache_seg_id[node] = k.cache_seg_id;
-        idx.seg_off[node] = k.cache_seg_off;
-        idx.seg_gen[node] = k.seg_gen;
-        idx.flags[node] = (k.flags & ~KEY_F_EMPTY) | (meta.data_crc ? KEY_F_CRC_VALID | KEY_F_CRC_VERIFIED : 0);
-        idx.data_crc[node] = k.data_crc;
-        idx.crc_seg_off[node] = k.cache_seg_off;
-        idx.crc_len[node] = k.len;
+        idx.setKey(node, k.off, k.len, k.cache_seg_id, k.cache_seg_off, k.seg_gen, k.flags & ~KEY_F_EMPTY);
+        if (meta.data_crc) {
+          // The walk verified every live key's data CRC already.
+          idx.setCrc(node, k.data_crc, k.cache_seg_off, k.len);
+          idx.flags[node] |= KEY_F_CRC_VERIFIED;
+        }
         const sub = idx.subtreeOf(k.off);
         if (idx.insert(sub, node, spare, ctx.isStale) === INSERT_OK_SPARE_USED) spare = -1;
       }
@@ -83,7 +79,7 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
   );
   if (spare >= 0) idx.freeNode(spare);
   const head = walk.end_pos;
-  if (!dirty_tail_seen && !samePos(head, meta.dirty_tail)) {
+  if (!dirty_tail_seen && !posEqual(head, meta.dirty_tail)) {
     throw new InvalidDeviceError(
       `dirty_tail ${meta.dirty_tail.cache_seg_id}:${meta.dirty_tail.seg_off} is not on the log between key_tail ` +
         `${meta.key_tail.cache_seg_id}:${meta.key_tail.seg_off} and key_head ${head.cache_seg_id}:${head.seg_off}`,

@@ -7,6 +7,7 @@
  * I/O or on another thread's progress.
  */
 import { KSET_SIZE_MAX } from "../format/constants.ts";
+import { signal } from "../sync/wait_word.ts";
 
 /** Lock words (Int32 indexes into `locks`). Kset locks follow at LOCK_KSET_BASE + kset_id. */
 export const LOCK_SEG_TABLE = 0;
@@ -41,11 +42,9 @@ export const CTL_CACHE_FULL = 5; // 1 while some request waits for a segment
 export const CTL_STOPPING = 6;
 export const CTL_WRITEBACK_PAUSED = 7; // test hook and `drain` control
 export const CTL_SEG_HINT = 8; // rotating allocation hint
-export const CTL_ZERO_SEG = 9; // zero extent: cache_seg_id or -1
-export const CTL_ZERO_OFF = 10;
+export const CTL_ZERO_SEG = 9; // zero extent (at seg_off 0 of this segment) or -1
 export const CTL_WRITEBACK_ERROR = 11; // errno of the last failed backing write, 0 when healthy
 export const CTL_GC_ERROR = 12;
-export const CTL_DRAIN = 13; // 1: write back now, ignoring idle delays
 export const CTL_WORDS = 16;
 
 /** Per-kset words (Int32 indexes into `kset_meta`, KSET_META_WORDS per kset). */
@@ -181,7 +180,6 @@ export class SharedState {
 
   /** Bump a wait word and wake everyone waiting on it. */
   signal(word: number): void {
-    Atomics.add(this.waits, word, 1);
-    Atomics.notify(this.waits, word);
+    signal(this.waits, word);
   }
 }

@@ -24,7 +24,6 @@ import {
   STAT_GC_RUNS,
   WAIT_DIRTY_TAIL,
   WAIT_GC_KICK,
-  WAIT_KEY_TAIL,
   WAIT_SEG_FREED,
 } from "../engine/shared_state.ts";
 
@@ -87,10 +86,7 @@ export class Gc {
       if (outcome !== "progress") break;
       done++;
     }
-    if (done > 0) {
-      s.addStat(this.ctx.slot, STAT_GC_RUNS, 1);
-      s.signal(WAIT_KEY_TAIL);
-    }
+    if (done > 0) s.addStat(this.ctx.slot, STAT_GC_RUNS, 1);
     return done;
   }
 

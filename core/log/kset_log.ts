@@ -35,16 +35,14 @@ import {
   type SharedState,
   STAT_KSETS_CLOSED,
   WAIT_LOG_APPENDED,
+  WAIT_SEG_FREED,
 } from "../engine/shared_state.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import { zeroRange } from "../persist/zero.ts";
 import { waitChangeAsync } from "../sync/wait_word.ts";
-import { WAIT_SEG_FREED } from "../engine/shared_state.ts";
 
 /** A kset is closed no later than this after its first key. */
 export const KSET_FLUSH_DELAY_MS = 1000;
-/** Retry delay when a close found no free segment for a log roll. */
-export const KSET_RETRY_DELAY_MS = 100;
 
 const TERMINATOR = new Uint8Array(KSET_HEADER_SIZE);
 

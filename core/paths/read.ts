@@ -18,7 +18,7 @@ import {
   STAT_READ_MISS_COUNT,
 } from "../engine/shared_state.ts";
 import { spanLeft } from "./write.ts";
-import { KEY_F_CRC_VALID as CRC_VALID_FLAG, KEY_F_CRC_VERIFIED as CRC_VERIFIED_FLAG, INSERT_OK_SPARE_USED } from "../index/key_index.ts";
+import { KEY_F_CRC_VALID as CRC_VALID_FLAG, KEY_F_CRC_VERIFIED as CRC_VERIFIED_FLAG } from "../index/key_index.ts";
 
 interface Miss {
   off: number;
@@ -77,14 +77,10 @@ function walkChunk(ctx: EngineContext, off: number, len: number, dst: Uint8Array
   try {
     let cur = off;
     while (cur < end) {
-      const t = idx.ceiling(sub, cur);
+      const t = idx.ceilingPurge(sub, cur, ctx.isStale);
       if (t < 0 || idx.off[t] >= end) {
         gaps.push([cur, end]);
         break;
-      }
-      if (ctx.isStale(t)) {
-        idx.remove(sub, t);
-        continue;
       }
       const t_off = idx.off[t];
       if (t_off > cur) {
@@ -143,15 +139,7 @@ function placeholderFor(ctx: EngineContext, sub: number, off: number, len: numbe
   const { idx } = ctx;
   const node = idx.allocNode();
   if (node < 0) return { off, len, node: -1, ver: 0 };
-  idx.off[node] = off;
-  idx.len[node] = len;
-  idx.cache_seg_id[node] = 0;
-  idx.seg_off[node] = 0;
-  idx.seg_gen[node] = 0;
-  idx.flags[node] = KEY_F_EMPTY;
-  idx.data_crc[node] = 0;
-  idx.crc_seg_off[node] = 0;
-  idx.crc_len[node] = 0;
+  idx.setKey(node, off, len, 0, 0, 0, KEY_F_EMPTY);
   const spare_used = idx.insert(sub, node, -1, ctx.isStale) !== 0;
   if (spare_used) throw new Error("placeholder insert needed a split: the gap was not free");
   return { off, len, node, ver: idx.ver[node] };
@@ -200,14 +188,12 @@ function fillPlaceholder(ctx: EngineContext, m: Miss, data: Uint8Array): void {
     // Writes may only have shortened the placeholder from its end; cache what is left of it.
     const len = Math.min(idx.len[m.node], a.len);
     const data_crc = media.data_crc ? crc32c(data.subarray(0, len)) : 0;
-    idx.len[m.node] = len;
-    idx.cache_seg_id[m.node] = a.cache_seg_id;
-    idx.seg_off[m.node] = a.seg_off;
-    idx.seg_gen[m.node] = a.seg_gen;
-    idx.flags[m.node] = KEY_F_CLEAN | (media.data_crc ? CRC_VALID_FLAG | CRC_VERIFIED_FLAG : 0);
-    idx.data_crc[m.node] = data_crc;
-    idx.crc_seg_off[m.node] = a.seg_off;
-    idx.crc_len[m.node] = len;
+    idx.setKey(m.node, m.off, len, a.cache_seg_id, a.seg_off, a.seg_gen, KEY_F_CLEAN);
+    if (media.data_crc) {
+      // Computed from the bytes just written: nothing to verify on the next read.
+      idx.setCrc(m.node, data_crc, a.seg_off, len);
+      idx.flags[m.node] |= CRC_VERIFIED_FLAG;
+    }
     const key = { off: m.off, len, flags: KEY_F_CLEAN, cache_seg_id: a.cache_seg_id, cache_seg_off: a.seg_off, seg_gen: a.seg_gen, data_crc };
     if (log.append(kset_id, key) === KSET_KEYS_MAX) log.close(kset_id);
     used = true;

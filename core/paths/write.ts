@@ -16,14 +16,13 @@ import { lock, unlock } from "../sync/lock.ts";
 import type { EngineContext } from "../engine/context.ts";
 import type { DataAlloc } from "../engine/segments.ts";
 import {
-  CTL_ZERO_OFF,
   CTL_ZERO_SEG,
   LOCK_SEG_TABLE,
   STAT_WRITE_BYTES,
   STAT_WRITE_COUNT,
   STAT_ZERO_BYTES,
 } from "../engine/shared_state.ts";
-import { KEY_F_CRC_VALID as CRC_VALID_FLAG, INSERT_OK_SPARE_USED } from "../index/key_index.ts";
+import { INSERT_OK_SPARE_USED } from "../index/key_index.ts";
 
 /** One piece of a request: a key to be. */
 export interface Piece extends DataAlloc {
@@ -131,16 +130,8 @@ async function insertAndLog(ctx: EngineContext, p: Piece): Promise<void> {
 }
 
 function setNode(ctx: EngineContext, id: number, p: Piece): void {
-  const idx = ctx.idx;
-  idx.off[id] = p.off;
-  idx.len[id] = p.len;
-  idx.cache_seg_id[id] = p.cache_seg_id;
-  idx.seg_off[id] = p.seg_off;
-  idx.seg_gen[id] = p.seg_gen;
-  idx.flags[id] = p.flags | (ctx.media.data_crc ? CRC_VALID_FLAG : 0);
-  idx.data_crc[id] = p.data_crc;
-  idx.crc_seg_off[id] = p.seg_off;
-  idx.crc_len[id] = p.len;
+  ctx.idx.setKey(id, p.off, p.len, p.cache_seg_id, p.seg_off, p.seg_gen, p.flags);
+  if (ctx.media.data_crc) ctx.idx.setCrc(id, p.data_crc, p.seg_off, p.len);
 }
 
 // ---- write-zeroes and trim ----
@@ -150,7 +141,7 @@ async function zeroExtent(ctx: EngineContext): Promise<DataAlloc> {
   const s = ctx.s;
   for (;;) {
     const seg = Atomics.load(s.ctl, CTL_ZERO_SEG);
-    if (seg >= 0) return { cache_seg_id: seg, seg_off: Atomics.load(s.ctl, CTL_ZERO_OFF), len: SUBTREE_SPAN, seg_gen: ctx.segs.gen(seg) };
+    if (seg >= 0) return { cache_seg_id: seg, seg_off: 0, len: SUBTREE_SPAN, seg_gen: ctx.segs.gen(seg) };
     const fresh = await ctx.waitForSpace("cache segment", () => {
       const id = ctx.segs.allocSegment(false);
       return id < 0 ? null : id;
@@ -160,10 +151,7 @@ async function zeroExtent(ctx: EngineContext): Promise<DataAlloc> {
     ctx.media.dom.fence();
     lock(s.locks, LOCK_SEG_TABLE);
     const won = s.ctl[CTL_ZERO_SEG] < 0;
-    if (won) {
-      s.ctl[CTL_ZERO_OFF] = 0;
-      Atomics.store(s.ctl, CTL_ZERO_SEG, fresh);
-    }
+    if (won) Atomics.store(s.ctl, CTL_ZERO_SEG, fresh);
     unlock(s.locks, LOCK_SEG_TABLE);
     if (!won) ctx.segs.put(fresh); // another thread made one first
   }

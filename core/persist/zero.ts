@@ -3,21 +3,11 @@
  * segments are zeroed before the log rolls into them; most of a reused segment's area often is
  * zero already, and on a page-cache file every written page costs an msync.
  */
+import { isAllZero } from "../format/bytes.ts";
 import type { PersistDomain } from "./domain.ts";
 
 const BLOCK_BYTES = 4096;
 
-/** True when every byte is zero. */
-export function isZero(bytes: Uint8Array): boolean {
-  // 8 bytes at a time where alignment allows it.
-  if (bytes.byteOffset % 8 === 0 && bytes.length % 8 === 0) {
-    const words = new BigUint64Array(bytes.buffer, bytes.byteOffset, bytes.length / 8);
-    for (let i = 0; i < words.length; i++) if (words[i] !== 0n) return false;
-    return true;
-  }
-  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
-  return true;
-}
 
 /** Zero [dev_off, dev_off + len) and flush what was written; the caller fences. */
 export function zeroRange(dom: PersistDomain, dev_off: number, len: number): void {
@@ -25,7 +15,7 @@ export function zeroRange(dom: PersistDomain, dev_off: number, len: number): voi
   const end = dev_off + len;
   for (let at = dev_off; at < end; at += BLOCK_BYTES) {
     const n = Math.min(BLOCK_BYTES, end - at);
-    const dirty = !isZero(dom.view(at, n));
+    const dirty = !isAllZero(dom.view(at, n));
     if (dirty && run_start < 0) run_start = at;
     if (!dirty && run_start >= 0) {
       dom.fill(run_start, at - run_start, 0);

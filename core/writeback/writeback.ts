@@ -10,7 +10,7 @@
  */
 import { assert } from "../assert.ts";
 import { KEY_F_CLEAN } from "../format/constants.ts";
-import { isZero } from "../persist/zero.ts";
+import { isAllZero } from "../format/bytes.ts";
 import type { CacheMeta } from "../format/load_cache.ts";
 import type { WalkMeta } from "../log/walk.ts";
 import { readKsetAt, type DecodedKset } from "../log/read_kset.ts";
@@ -135,7 +135,7 @@ export class Writeback {
     // Dirty data cannot be reclaimed before writeback passes it: its generation must be current.
     assert(e.seg_gen === segs.gen(e.cache_seg_id), `dirty key off=${e.off} names a stale segment generation`);
     const data = media.dom.view(media.dataOff(e.cache_seg_id, e.seg_off), e.len);
-    if (isZero(data)) await backing.writeZeroes(e.off, e.len);
+    if (isAllZero(data)) await backing.writeZeroes(e.off, e.len);
     else await backing.write(e.off, data);
   }
 
