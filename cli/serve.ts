@@ -5,15 +5,13 @@ import { defineCommand } from "citty";
 import { openCacheDevice } from "../core/device/cache_device.ts";
 import { openBackingFile } from "../core/device/file_backing.ts";
 import { Engine } from "../core/engine/engine.ts";
-import { EngineExport } from "../core/engine/nbd_export.ts";
 import { GiB } from "../core/format/constants.ts";
 import { formatCache } from "../core/format/format_cache.ts";
 import { inspectSuperblockArea } from "../core/format/superblock.ts";
-import { Gc } from "../core/gc/gc.ts";
-import { DEFAULT_NBD_HOST, DEFAULT_NBD_PORT, NbdServer, socketActivationFd } from "../core/nbd/server.ts";
-import { Writeback } from "../core/writeback/writeback.ts";
+import { DEFAULT_NBD_HOST, DEFAULT_NBD_PORT, socketActivationFd } from "../core/nbd/server.ts";
+import { type ServeRuntime, startServing } from "./serve_runtime.ts";
 import { makeLogger } from "./logger.ts";
-import { fail, runCommand } from "./run.ts";
+import { fail, parseIntInRange, runCommand } from "./run.ts";
 
 /** Where `pcache serve` with no devices keeps its files. */
 export function defaultDataDir(): string {
@@ -23,6 +21,20 @@ export function defaultDataDir(): string {
 
 const DEFAULT_CACHE_BYTES = 1 * GiB;
 const DEFAULT_BACKING_BYTES = 4 * GiB;
+
+const MAX_WORKERS = 64;
+const MAX_CONNECTIONS = 4096;
+
+/**
+ * Worker entry points. Run from source, this file is cli/serve.ts; compiled, every module is
+ * bundled into the entry at the root of the embedded file system, next to workers/.
+ */
+const COMPILED = import.meta.url.includes("$bunfs");
+const WORKER_URLS = {
+  request: COMPILED ? new URL("./workers/request.ts", import.meta.url) : new URL("../workers/request.ts", import.meta.url),
+  writeback: COMPILED ? new URL("./workers/writeback.ts", import.meta.url) : new URL("../workers/writeback.ts", import.meta.url),
+  gc: COMPILED ? new URL("./workers/gc.ts", import.meta.url) : new URL("../workers/gc.ts", import.meta.url),
+};
 
 export const serveCommand = defineCommand({
   meta: {
@@ -39,6 +51,8 @@ export const serveCommand = defineCommand({
     "read-only": { type: "boolean", description: "refuse writes (EPERM)", default: false },
     "data-crc": { type: "boolean", description: "require a cache formatted with --data-crc (and format new ones so)", default: false },
     "data-dir": { type: "string", description: "folder for the default devices" },
+    workers: { type: "string", description: "request worker threads (default: one per CPU core)" },
+    "max-connections": { type: "string", description: "open NBD connections allowed at once, over all workers (default 64)", default: "64" },
     "log-level": { type: "string", description: "error, warn, info or debug (default info)", default: "info" },
     "log-format": { type: "string", description: "text or json (default text)", default: "text" },
   },
@@ -55,12 +69,19 @@ interface ServeArgs {
   "read-only": boolean;
   "data-crc": boolean;
   "data-dir"?: string;
+  workers?: string;
+  "max-connections": string;
   "log-level": string;
   "log-format": string;
 }
 
 async function serve(args: ServeArgs): Promise<number> {
   const log = makeLogger(args["log-level"], args["log-format"]);
+  const n_request_workers =
+    args.workers === undefined ? Math.max(1, Math.min(MAX_WORKERS, navigator.hardwareConcurrency || 1)) : parseIntInRange(args.workers, "--workers", 1, MAX_WORKERS);
+  const max_connections = parseIntInRange(args["max-connections"], "--max-connections", 1, MAX_CONNECTIONS);
+  const activated = args.stdin ? null : socketActivationFd();
+  if (args.stdin && args.nbd !== undefined) fail("--stdin serves the client on fd 0; it cannot be combined with --nbd");
   let cache_path = args.cache;
   let backing_path = args.backing;
   let create_cache: number | undefined;
@@ -81,59 +102,44 @@ async function serve(args: ServeArgs): Promise<number> {
     closeSync(fd);
   }
   const cache = openCacheDevice(cache_path, { create_size_bytes: create_cache });
-  const backing = openBackingFile(backing_path, { readOnly: args["read-only"] });
+  let runtime: ServeRuntime | null = null;
   try {
-    if (create_cache !== undefined || (args.cache === undefined && inspectSuperblockArea(cache.domain) === "blank")) {
-      formatCache(cache.domain, { data_crc: args["data-crc"] });
-      log.info(`formatted new cache ${cache_path}`);
-    }
-    const engine = Engine.open(cache.domain, backing, { data_crc: args.cache === undefined ? undefined : args["data-crc"], logger: log });
-    const r = engine.replay_result!;
-    log.info(`replayed ${r.keys} keys in ${r.ksets} ksets in ${r.elapsed_ms.toFixed(1)} ms (${r.stale_keys} stale); ${r.end_reason}`);
-    if (r.ended_dirty) log.warn(`the key log ended early: ${r.end_reason}; writes after that point were not acknowledged as flushed`);
-    const writeback = new Writeback(engine.ctx, engine.meta);
-    const gc = new Gc(engine.ctx, engine.meta);
-    const background = [writeback.run(), gc.run()];
-    const server = new NbdServer({
-      export: new EngineExport(engine, args["read-only"]),
-      export_name: args.export,
-      description: args.description,
-      log: (level, msg) => log[level === "error" ? "error" : level === "warn" ? "warn" : level === "debug" ? "debug" : "info"](msg),
-    });
-    let stopping = false;
-    const stop = async (signal: string) => {
-      if (stopping) {
-        log.warn(`${signal} again: exiting at once`);
-        process.exit(1);
+    const backing = openBackingFile(backing_path, { readOnly: args["read-only"] });
+    try {
+      if (create_cache !== undefined || (args.cache === undefined && inspectSuperblockArea(cache.domain) === "blank")) {
+        formatCache(cache.domain, { data_crc: args["data-crc"] });
+        log.info(`formatted new cache ${cache_path}`);
       }
-      stopping = true;
-      log.info(`${signal}: finishing in-flight requests`);
-      await server.stop({ timeout_ms: 30_000 });
-      await engine.close();
-      await Promise.allSettled(background);
-      cache.close();
+      const engine = Engine.open(cache.domain, backing, {
+        data_crc: args.cache === undefined ? undefined : args["data-crc"],
+        logger: log,
+        n_heads: n_request_workers,
+        n_stat_slots: n_request_workers + 3,
+      });
+      const r = engine.replay_result!;
+      log.info(`replayed ${r.keys} keys in ${r.ksets} ksets in ${r.elapsed_ms.toFixed(1)} ms (${r.stale_keys} stale); ${r.end_reason}`);
+      if (r.ended_dirty) log.warn(`the key log ended early: ${r.end_reason}; writes after that point were not acknowledged as flushed`);
+      runtime = await startServing({
+        log,
+        engine,
+        cache,
+        backing,
+        n_request_workers,
+        listen: args.stdin ? { kind: "stdin" } : activated !== null ? { kind: "fd", fd: activated } : { kind: "spec", spec: args.nbd ?? `tcp://${DEFAULT_NBD_HOST}:${DEFAULT_NBD_PORT}` },
+        request: { export_name: args.export, description: args.description, read_only: args["read-only"], max_connections },
+        worker_urls: WORKER_URLS,
+      });
+    } catch (err) {
       backing.close();
-      log.info("stopped; every kset is closed");
-      process.exit(0);
-    };
-    process.on("SIGTERM", () => void stop("SIGTERM"));
-    process.on("SIGINT", () => void stop("SIGINT"));
-    if (args.stdin) {
-      await server.serveFd(0);
-      await stop("end of stdin connection");
-      return 0;
+      throw err;
     }
-    const activated = socketActivationFd();
-    const info = await server.listen(activated !== null ? { kind: "fd", fd: activated } : (args.nbd ?? `tcp://${DEFAULT_NBD_HOST}:${DEFAULT_NBD_PORT}`));
-    const uri =
-      info.kind === "tcp" ? `nbd://${info.host.includes(":") ? `[${info.host}]` : info.host}:${info.port}/${args.export}` : info.kind === "unix" ? `nbd+unix:///${args.export}?socket=${info.path}` : `fd ${info.fd}`;
-    log.info(`serving ${backing_path} (${backing.size_bytes} bytes) cached on ${cache_path} [${cache.domain.describe()}]`);
-    process.stdout.write(`listening: ${uri}\n`);
-    await new Promise(() => {}); // until a signal
-    return 0;
   } catch (err) {
     cache.close();
-    backing.close();
     throw err;
   }
+  if (runtime.uri !== null) {
+    log.info(`serving ${backing_path} cached on ${cache_path} [${cache.domain.describe()}] with ${n_request_workers} request worker(s)`);
+    process.stdout.write(`listening: ${runtime.uri}\n`);
+  }
+  return await runtime.finished;
 }

@@ -59,7 +59,7 @@ const ERRNO_NAMES: Record<number, string> = {
   19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR", 22: "EINVAL", 23: "ENFILE", 24: "EMFILE",
   25: "ENOTTY", 26: "ETXTBSY", 27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 30: "EROFS", 32: "EPIPE",
   36: "ENAMETOOLONG", 38: "ENOSYS", 40: "ELOOP", 61: "ENODATA", 75: "EOVERFLOW",
-  95: "EOPNOTSUPP", 110: "ETIMEDOUT", 121: "EREMOTEIO", 122: "EDQUOT",
+  95: "EOPNOTSUPP", 98: "EADDRINUSE", 99: "EADDRNOTAVAIL", 110: "ETIMEDOUT", 121: "EREMOTEIO", 122: "EDQUOT",
 };
 
 /** Symbolic name of an errno value ("ENOENT"), or "errno N" for the rare ones. */

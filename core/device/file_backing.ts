@@ -60,7 +60,15 @@ export class FileBacking implements BackingDevice {
   private inflight = 0;
   private zeroes: Uint8Array | null = null;
 
-  constructor(fd: number, path: string, kind: "file" | "block", size_bytes: number, read_only: boolean) {
+  constructor(
+    fd: number,
+    path: string,
+    kind: "file" | "block",
+    size_bytes: number,
+    read_only: boolean,
+    /** A borrowed fd (another thread's open) is never closed here. */
+    private readonly owns_fd = true,
+  ) {
     this.fd = fd;
     this.name = path;
     this.kind = kind;
@@ -192,12 +200,34 @@ export class FileBacking implements BackingDevice {
     if (this.fd < 0) return;
     const fd = this.fd;
     this.fd = -1;
-    closeFd(fd);
+    if (this.owns_fd) closeFd(fd);
+  }
+
+  /** What another thread needs to use this device through the same fd (structured-clonable). */
+  get attach(): BackingAttach {
+    return { fd: this.fd, name: this.name, kind: this.kind, size_bytes: this.size_bytes, read_only: this.read_only };
   }
 }
 
 function isUnsupported(errno: number): boolean {
   return errno === EOPNOTSUPP || errno === ENOSYS || errno === EINVAL;
+}
+
+export interface BackingAttach {
+  fd: number;
+  name: string;
+  kind: "file" | "block";
+  size_bytes: number;
+  read_only: boolean;
+}
+
+/**
+ * A worker's view of the opener's backing device: threads share the fd table, so the worker
+ * uses the same fd (and so the same exclusive lock). It never closes the fd; the opener does,
+ * after every worker has stopped.
+ */
+export function attachBackingFile(a: BackingAttach): FileBacking {
+  return new FileBacking(a.fd, a.name, a.kind, a.size_bytes, a.read_only, false);
 }
 
 /** Open a regular file or block device as the backing device (exclusive lock unless read-only). */

@@ -45,6 +45,7 @@ export const CTL_SEG_HINT = 8; // rotating allocation hint
 export const CTL_ZERO_SEG = 9; // zero extent (at seg_off 0 of this segment) or -1
 export const CTL_WRITEBACK_ERROR = 11; // errno of the last failed backing write, 0 when healthy
 export const CTL_GC_ERROR = 12;
+export const CTL_CONNECTIONS = 13; // open NBD connections over every request worker
 export const CTL_WORDS = 16;
 
 /** Per-kset words (Int32 indexes into `kset_meta`, KSET_META_WORDS per kset). */

@@ -114,6 +114,18 @@ export interface NbdServerOptions {
   max_connections?: number;
   limits?: Partial<ConnectionLimits>;
   log?: NbdLogger;
+  /** A cap shared with other servers of the process (one per request worker). */
+  gate?: ConnectionGate;
+  /** Told whenever the number of open connections changes. */
+  on_connections?: (open: number) => void;
+}
+
+/** Admission across several NbdServers (e.g. a counter in shared memory). */
+export interface ConnectionGate {
+  /** Claims a place; false when every place is taken. */
+  tryAcquire(): boolean;
+  release(): void;
+  readonly max: number;
 }
 
 /** What Bun's listen/connect sockets look like to us (kept minimal to stay version-proof). */
@@ -141,6 +153,8 @@ export class NbdServer {
   private readonly limits: ConnectionLimits;
   private readonly log: NbdLogger;
   private readonly max_connections: number;
+  private readonly gate: ConnectionGate | undefined;
+  private readonly on_connections: (open: number) => void;
   private readonly connections = new Set<NbdConnection>();
   private readonly listeners: Array<{ listener: BunListener; info: ListenInfo }> = [];
   private next_id = 1;
@@ -165,6 +179,8 @@ export class NbdServer {
     this.log = opts.log ?? stderrLogger("info");
     this.max_connections = opts.max_connections ?? 64;
     assert(this.max_connections >= 1, "max_connections >= 1");
+    this.gate = opts.gate;
+    this.on_connections = opts.on_connections ?? (() => {});
   }
 
   /** Open connections (any phase). */
@@ -273,6 +289,8 @@ export class NbdServer {
         const conn = s.data;
         if (!conn) return;
         this.connections.delete(conn);
+        this.gate?.release();
+        this.on_connections(this.connections.size);
         conn.onClose();
         this.log("debug", `${conn.label}: closed`);
       },
@@ -293,6 +311,11 @@ export class NbdServer {
       s.end();
       return;
     }
+    if (this.gate && !this.gate.tryAcquire()) {
+      this.log("warn", `connection refused: ${this.gate.max} connections already open`);
+      s.end();
+      return;
+    }
     try {
       s.setNoDelay?.(true);
     } catch {
@@ -310,12 +333,13 @@ export class NbdServer {
     });
     s.data = conn;
     this.connections.add(conn);
+    this.on_connections(this.connections.size);
     this.log("debug", `${conn.label}: accepted`);
     conn.start();
   }
 }
 
-function describeAddress(a: ListenAddress | ListenInfo): string {
+export function describeAddress(a: ListenAddress | ListenInfo): string {
   switch (a.kind) {
     case "tcp":
       return a.host.includes(":") ? `tcp://[${a.host}]:${a.port}` : `tcp://${a.host}:${a.port}`;
@@ -327,7 +351,7 @@ function describeAddress(a: ListenAddress | ListenInfo): string {
 }
 
 /** Removes a leftover socket file nobody listens on; refuses to steal a live one. */
-async function removeStaleUnixSocket(path: string): Promise<void> {
+export async function removeStaleUnixSocket(path: string): Promise<void> {
   let is_socket = false;
   try {
     is_socket = lstatSync(path).isSocket();
@@ -354,7 +378,7 @@ async function removeStaleUnixSocket(path: string): Promise<void> {
   unlinkQuietly(path);
 }
 
-function unlinkQuietly(path: string): void {
+export function unlinkQuietly(path: string): void {
   try {
     if (lstatSync(path).isSocket()) unlinkSync(path);
   } catch {

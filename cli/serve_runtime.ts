@@ -1,0 +1,137 @@
+/**
+ * The main thread of `serve` once the log is replayed: start the writeback, GC and request
+ * workers over the shared engine, then wait for a signal (or a failed worker, or the end of the
+ * stdin client) and shut down in the order that keeps every acknowledged write:
+ *   1. request workers stop accepting, finish in-flight requests and close their ksets;
+ *   2. the main thread closes any kset still open and sets CTL_STOPPING;
+ *   3. writeback and GC finish their current step and stop;
+ *   4. the listening socket goes, the devices are released, exit.
+ * A second signal exits at once; what was acknowledged before a FLUSH is durable either way.
+ */
+import type { CacheDevice } from "../core/device/cache_device.ts";
+import type { FileBacking } from "../core/device/file_backing.ts";
+import { Engine } from "../core/engine/engine.ts";
+import { LOCK_FREE } from "../core/sync/lock.ts";
+import type { RequestOptions, StartMessage, WorkerRole } from "../core/threads/protocol.ts";
+import { Supervisor } from "../core/threads/supervisor.ts";
+import type { LevelLogger } from "./logger.ts";
+import { EXIT_INTERNAL } from "./run.ts";
+import { inheritedListening, type Listening, openListening } from "./listen.ts";
+
+/** In-flight requests get this long after SIGTERM before their connections are closed. */
+export const REQUEST_DRAIN_TIMEOUT_MS = 30_000;
+/** Writeback and GC finish their current step within this. */
+const BACKGROUND_STOP_TIMEOUT_MS = 30_000;
+/** If an orderly shutdown takes longer than this, exit anyway. */
+const SHUTDOWN_DEADLINE_MS = 90_000;
+
+export interface ServeOptions {
+  log: LevelLogger;
+  engine: Engine;
+  cache: CacheDevice;
+  backing: FileBacking;
+  n_request_workers: number;
+  listen: { kind: "spec"; spec: string } | { kind: "fd"; fd: number } | { kind: "stdin" };
+  request: Omit<RequestOptions, "listen">;
+  worker_urls: Record<WorkerRole, URL>;
+}
+
+export interface ServeRuntime {
+  /** Where clients connect (null in stdin mode). */
+  uri: string | null;
+  /** Resolves with the exit status once the server has stopped. */
+  finished: Promise<number>;
+}
+
+export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
+  const { log, engine, cache, backing } = opts;
+  const n = opts.n_request_workers;
+  const finished = Promise.withResolvers<number>();
+  // The main thread's own slot, after the request workers' (0..n-1), writeback (n) and GC (n+1).
+  const main = Engine.attach(engine.shared, cache.domain, backing, n + 2, log);
+  let listening: Listening | null = null;
+  let stopping = false;
+  let started = false;
+
+  const shutdown = async (reason: string, code: number) => {
+    if (stopping) return;
+    stopping = true;
+    log.info(`${reason}: stopping`);
+    const deadline = setTimeout(() => {
+      log.error(`shutdown did not finish within ${SHUTDOWN_DEADLINE_MS} ms; exiting (acknowledged flushed writes are safe)`);
+      process.exit(code === 0 ? EXIT_INTERNAL : code);
+    }, SHUTDOWN_DEADLINE_MS);
+    await supervisor.stop("request", REQUEST_DRAIN_TIMEOUT_MS);
+    if (locksFree(main)) {
+      await main.close();
+    } else {
+      // A worker died holding a lock: closing ksets could wait forever. Writes acknowledged
+      // before the last FLUSH are durable already; later ones are as after a crash.
+      log.warn("a lock is still held by a failed worker: open ksets were not closed");
+      main.ctx.log.stopTimers();
+    }
+    await supervisor.stop("writeback", BACKGROUND_STOP_TIMEOUT_MS);
+    await supervisor.stop("gc", BACKGROUND_STOP_TIMEOUT_MS);
+    supervisor.terminateAll();
+    listening?.close();
+    cache.close();
+    backing.close();
+    clearTimeout(deadline);
+    log.info(code === 0 ? "stopped; every kset is closed" : "stopped after a failure");
+    finished.resolve(code);
+  };
+
+  const supervisor = new Supervisor(log, {
+    on_failure: (name, why) => {
+      // During start the failure rejects start() below, which cleans up instead.
+      if (!started) return;
+      log.error(`${name} failed: ${why}; stopping the server`);
+      void shutdown("worker failure", EXIT_INTERNAL);
+    },
+    on_client_gone: () => void shutdown("the stdin client disconnected", 0),
+  });
+  const onSignal = (signal: string) => {
+    if (stopping) {
+      log.warn(`${signal} again: exiting at once`);
+      process.exit(1);
+    }
+    void shutdown(signal, 0);
+  };
+  process.on("SIGTERM", () => onSignal("SIGTERM"));
+  process.on("SIGINT", () => onSignal("SIGINT"));
+
+  const base = (role: WorkerRole, slot: number, name: string): StartMessage => ({
+    type: "start",
+    role,
+    slot,
+    name,
+    shared: engine.shared,
+    cache: cache.attach,
+    backing: backing.attach,
+    log_level: log.level,
+  });
+  try {
+    if (opts.request.read_only) log.info("read-only: writeback is off; dirty data already in the cache stays there");
+    else await supervisor.start(opts.worker_urls.writeback, base("writeback", n, "writeback"));
+    await supervisor.start(opts.worker_urls.gc, base("gc", n + 1, "gc"));
+    if (opts.listen.kind === "spec") listening = await openListening(opts.listen.spec);
+    else if (opts.listen.kind === "fd") listening = inheritedListening(opts.listen.fd);
+    for (let i = 0; i < n; i++) {
+      const listen: RequestOptions["listen"] =
+        listening !== null ? { kind: "fd", fd: listening.dupForWorker() } : i === 0 ? { kind: "connected", fd: 0 } : { kind: "none" };
+      await supervisor.start(opts.worker_urls.request, { ...base("request", i, `request worker ${i + 1}`), request: { ...opts.request, listen } });
+    }
+  } catch (err) {
+    supervisor.terminateAll();
+    listening?.close();
+    throw err;
+  }
+  started = true;
+  return { uri: listening?.uriFor(opts.request.export_name) ?? null, finished: finished.promise };
+}
+
+function locksFree(engine: Engine): boolean {
+  const locks = engine.ctx.s.locks;
+  for (let i = 0; i < locks.length; i++) if (Atomics.load(locks, i) !== LOCK_FREE) return false;
+  return true;
+}

@@ -1,0 +1,13 @@
+/**
+ * GC worker: reclaims segments from key_tail up to dirty_tail and prunes stale index entries
+ * (core/gc/gc.ts) until the engine stops.
+ */
+import { Gc } from "../core/gc/gc.ts";
+import { attachEngine, runWorker } from "../core/threads/worker_runtime.ts";
+
+runWorker(async (start, { log, fatal }) => {
+  const engine = attachEngine(start, log);
+  const done = new Gc(engine.ctx, engine.meta).run();
+  done.catch(fatal);
+  return { stop: () => done };
+});

@@ -1,0 +1,48 @@
+/**
+ * Request worker: serves NBD connections (accepted on the listening socket shared by every
+ * request worker, or the one stdin-mode client) against the shared engine.
+ */
+import { EngineExport } from "../core/engine/nbd_export.ts";
+import { CTL_CONNECTIONS } from "../core/engine/shared_state.ts";
+import { NbdServer, type ConnectionGate } from "../core/nbd/server.ts";
+import { attachEngine, runWorker } from "../core/threads/worker_runtime.ts";
+
+runWorker(async (start, { log, post, fatal }) => {
+  const opts = start.request;
+  if (!opts) throw new Error("request worker started without request options");
+  const engine = attachEngine(start, log);
+  const ctl = engine.ctx.s.ctl;
+  // One cap for the whole server, counted in shared memory.
+  const gate: ConnectionGate = {
+    max: opts.max_connections,
+    tryAcquire() {
+      if (Atomics.add(ctl, CTL_CONNECTIONS, 1) < opts.max_connections) return true;
+      Atomics.sub(ctl, CTL_CONNECTIONS, 1);
+      return false;
+    },
+    release() {
+      Atomics.sub(ctl, CTL_CONNECTIONS, 1);
+    },
+  };
+  const server = new NbdServer({
+    export: new EngineExport(engine, opts.read_only),
+    export_name: opts.export_name,
+    description: opts.description,
+    max_connections: opts.max_connections,
+    gate,
+    log: (level, msg) => log[level](msg),
+  });
+  if (opts.listen.kind === "fd") {
+    await server.listen({ kind: "fd", fd: opts.listen.fd });
+  } else if (opts.listen.kind === "connected") {
+    server.serveFd(opts.listen.fd).then(() => post({ type: "client_gone" }), fatal);
+  }
+  return {
+    async stop(timeout_ms: number) {
+      await server.stop({ timeout_ms });
+      // This thread's ksets timers go with it; closing every kset makes its writes durable.
+      engine.ctx.log.stopTimers();
+      await engine.ctx.log.closeAll(engine.ctx.limits.space_wait_ms);
+    },
+  };
+});

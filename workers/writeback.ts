@@ -1,0 +1,14 @@
+/**
+ * Writeback worker: writes dirty ksets back to the backing device in log order
+ * (core/writeback/writeback.ts) until the engine stops.
+ */
+import { attachEngine, runWorker } from "../core/threads/worker_runtime.ts";
+import { Writeback } from "../core/writeback/writeback.ts";
+
+runWorker(async (start, { log, fatal }) => {
+  const engine = attachEngine(start, log);
+  const done = new Writeback(engine.ctx, engine.meta).run();
+  done.catch(fatal);
+  // Ends once the main thread sets CTL_STOPPING (after every request worker closed its ksets).
+  return { stop: () => done };
+});
