@@ -3,26 +3,21 @@
  * output, and `serve` with real NBD clients (qemu-io, nbdinfo), SIGKILL and restart, SIGTERM.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { PCACHE_BIN as BIN, have, killAll, requireBinary, startServe, tempDir } from "./helpers/serve_binary.ts";
 
-const BIN = join(import.meta.dir, "..", "dist", "pcache");
-const have = (cmd: string) => Bun.spawnSync(["sh", "-c", `command -v ${cmd}`]).exitCode === 0;
-const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "pcache-cli-"));
-const children: Bun.Subprocess[] = [];
+const dir = tempDir("pcache-cli-");
 
 function run(...args: string[]) {
   const r = Bun.spawnSync([BIN, ...args], { env: { ...process.env, NO_COLOR: "1" } });
   return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
 }
 
-beforeAll(() => {
-  if (!existsSync(BIN)) throw new Error(`${BIN} is missing: run "bun scripts/build.ts" first`);
-});
+beforeAll(requireBinary);
 
-afterAll(() => {
-  for (const c of children) c.kill(9);
+afterAll(async () => {
+  await killAll();
   rmSync(dir, { recursive: true, force: true });
 });
 
@@ -68,34 +63,6 @@ describe("format / info / dump-ksets", () => {
   });
 });
 
-async function waitListening(p: Bun.Subprocess<"ignore", "pipe", "pipe">): Promise<string> {
-  const reader = p.stdout.getReader();
-  let text = "";
-  const deadline = Date.now() + 15_000;
-  while (Date.now() < deadline) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    text += new TextDecoder().decode(value);
-    const m = /listening: (\S+)/.exec(text);
-    if (m) {
-      reader.releaseLock();
-      return m[1];
-    }
-  }
-  throw new Error(`server did not start: ${text} ${await new Response(p.stderr).text()}`);
-}
-
-function startServer(cache: string, backing: string, sock: string) {
-  const p = Bun.spawn([BIN, "serve", "--cache", cache, "--backing", backing, "--nbd", `unix:${sock}`], {
-    stdout: "pipe",
-    stderr: "pipe",
-    stdin: "ignore",
-    env: { ...process.env, NO_COLOR: "1" },
-  });
-  children.push(p);
-  return p;
-}
-
 function qemuIo(uri: string, ...cmds: string[]) {
   const args = ["qemu-io", "-f", "raw"];
   for (const c of cmds) args.push("-c", c);
@@ -111,8 +78,8 @@ describe.skipIf(!have("qemu-io") || !have("nbdinfo"))("serve with real clients",
     const sock = join(dir, "s.sock");
     expect(run("format", "--cache", cache, "--size", "1G").code).toBe(0);
     Bun.spawnSync(["truncate", "-s", "256M", backing]);
-    let p = startServer(cache, backing, sock);
-    const uri = await waitListening(p);
+    let p = await startServe({ cache, backing, dir, socket_name: "s.sock" });
+    const uri = p.uri;
     expect(uri).toBe(`nbd+unix:///pcache?socket=${sock}`);
 
     const info = Bun.spawnSync(["nbdinfo", "--json", uri]);
@@ -126,16 +93,14 @@ describe.skipIf(!have("qemu-io") || !have("nbdinfo"))("serve with real clients",
     expect(w.code).toBe(0);
     expect(qemuIo(uri, "read -P 0xab 3000 60k", "read -P 0 2000 1000", "read -P 0xcd 5M 3M").out).not.toMatch(/Pattern verification failed/);
 
-    p.kill(9);
-    await p.exited;
-    p = startServer(cache, backing, sock);
-    await waitListening(p);
+    expect(await p.stop("SIGKILL")).toBeNull();
+    p = await startServe({ cache, backing, dir, socket_name: "s.sock" });
+    expect(p.uri).toBe(uri);
     const r = qemuIo(uri, "read -P 0xab 3000 60k", "read -P 0 2000 1000", "read -P 0xcd 5M 3M");
     expect(r.code).toBe(0);
     expect(r.out).not.toMatch(/Pattern verification failed/);
 
-    p.kill(15);
-    expect(await p.exited).toBe(0);
+    expect(await p.stop("SIGTERM")).toBe(0);
     const after = run("dump-ksets", "--cache", cache);
     expect(after.code).toBe(0);
     expect(after.out).toMatch(/ksets, \d+ keys/);

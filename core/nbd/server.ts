@@ -158,6 +158,7 @@ export class NbdServer {
   private readonly connections = new Set<NbdConnection>();
   private readonly listeners: Array<{ listener: BunListener; info: ListenInfo }> = [];
   private next_id = 1;
+  private at_cap = false;
   private stopping: Promise<void> | null = null;
   /** Separate pools so a reused buffer only ever held the same kind of data (see buffer_pool.ts). */
   private readonly read_pool = new BufferPool();
@@ -306,16 +307,14 @@ export class NbdServer {
       s.end();
       return;
     }
-    if (this.connections.size >= this.max_connections) {
-      this.log("warn", `connection refused: ${this.max_connections} connections already open`);
+    if (this.connections.size >= this.max_connections || (this.gate && !this.gate.tryAcquire())) {
+      // One line when the cap is reached, not one per refused connection (a flood stays quiet).
+      if (!this.at_cap) this.log("warn", `connection cap reached (${this.gate?.max ?? this.max_connections} open): refusing new connections until one closes`);
+      this.at_cap = true;
       s.end();
       return;
     }
-    if (this.gate && !this.gate.tryAcquire()) {
-      this.log("warn", `connection refused: ${this.gate.max} connections already open`);
-      s.end();
-      return;
-    }
+    this.at_cap = false;
     try {
       s.setNoDelay?.(true);
     } catch {
