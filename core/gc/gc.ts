@@ -22,6 +22,7 @@ import {
   POS_DIRTY_TAIL,
   POS_KEY_TAIL,
   STAT_GC_RUNS,
+  STAT_GC_SEGS_FREED,
   WAIT_DIRTY_TAIL,
   WAIT_GC_KICK,
   WAIT_SEG_FREED,
@@ -33,11 +34,18 @@ export const GC_PERIOD_MS = 5_000;
 export const PRUNE_BATCH = 10;
 /** Subtrees visited per prune pass (bounds the time a pass takes). */
 export const PRUNE_SUBTREES_PER_PASS = 4096;
+/** Prune sweeps run only while fewer than this fraction of index nodes are free. */
+export const PRUNE_BELOW_FREE_FRACTION = 0.5;
 /** Below this fraction of free index nodes, GC runs as if the cache were full. */
 export const NODES_LOW_FRACTION = 0.1;
 
 export class Gc {
   private prune_cursor = 0;
+  /** Subtrees left in the current prune sweep (0: no sweep running). */
+  private sweep_left = 0;
+  /** STAT_GC_SEGS_FREED when the last sweep started. */
+  private freed_at_sweep = 0;
+  private sweep_again = false;
   private stopped_reason: string | null = null;
 
   constructor(
@@ -126,24 +134,41 @@ export class Gc {
     return "stopped";
   }
 
-  /** Remove index entries whose segment generation moved on, a few per subtree. */
+  /**
+   * Remove index entries whose segment generation moved on. Stale entries are harmless to
+   * lookups (they are skipped and dropped when met), so a sweep over the index runs only once
+   * segments were freed since the last one AND the node pool is getting full; each pass visits a
+   * bounded number of subtrees and removes a few entries from each.
+   */
   prune(): number {
-    const { idx } = this.ctx;
-    let removed = 0;
+    const { idx, s } = this.ctx;
     const n = idx.n_subtrees;
-    const visits = Math.min(n, PRUNE_SUBTREES_PER_PASS);
+    if (this.sweep_left === 0) {
+      const freed = s.statTotal(STAT_GC_SEGS_FREED);
+      const pool_busy = idx.nodesFree() < idx.nodes_max * PRUNE_BELOW_FREE_FRACTION;
+      if (!(pool_busy && (freed !== this.freed_at_sweep || this.sweep_again))) return 0;
+      this.freed_at_sweep = freed;
+      this.sweep_again = false;
+      this.sweep_left = n;
+    }
+    let removed = 0;
+    const visits = Math.min(this.sweep_left, PRUNE_SUBTREES_PER_PASS);
     for (let i = 0; i < visits; i++) {
       const sub = this.prune_cursor;
       this.prune_cursor = (this.prune_cursor + 1) % n;
       if (idx.count(sub) === 0) continue;
       idx.lockSubtree(sub);
       try {
-        removed += idx.purgeStale(sub, this.ctx.isStale, PRUNE_BATCH);
+        const r = idx.purgeStale(sub, this.ctx.isStale, PRUNE_BATCH);
+        // A full batch may have left more behind: sweep again after this one.
+        if (r === PRUNE_BATCH) this.sweep_again = true;
+        removed += r;
       } finally {
         idx.unlockSubtree(sub);
       }
     }
-    if (removed > 0) this.ctx.s.signal(WAIT_SEG_FREED);
+    this.sweep_left -= visits;
+    if (removed > 0) s.signal(WAIT_SEG_FREED);
     return removed;
   }
 }
