@@ -352,7 +352,7 @@ print("OK")
       const r = await ok([
         "fio", "--name=nbdverify", "--ioengine=nbd", `--uri=${uri}`, "--rw=randwrite", "--bs=4k",
         `--offset=${offset}`, "--size=8m", "--iodepth=16", "--verify=crc32c", "--do_verify=1",
-        "--verify_fatal=1", "--output-format=json",
+        "--verify_fatal=1", "--verify_state_save=0", "--output-format=json",
       ], 120_000);
       const job = JSON.parse(r.stdout.slice(r.stdout.indexOf("{"))).jobs[0];
       expect(job.error).toBe(0);
