@@ -12,6 +12,7 @@ import { type CacheMeta, loadCache } from "../format/load_cache.ts";
 import type { BackingDevice } from "../device/backing.ts";
 import { createKeyIndexShared, KeyIndex, type KeyIndexShared, subtreesForBacking } from "../index/key_index.ts";
 import { KsetLog } from "../log/kset_log.ts";
+import { setGcPercent } from "../gc/gc_percent.ts";
 import type { PersistDomain } from "../persist/domain.ts";
 import { readPath } from "../paths/read.ts";
 import { writePath, zeroPath } from "../paths/write.ts";
@@ -192,6 +193,14 @@ export class Engine {
   async blockStatus(off: number, len: number): Promise<Array<{ length: number; flags: number }>> {
     this.check(off, len, 22);
     return [{ length: len, flags: 0 }];
+  }
+
+  /**
+   * Change gc_percent while serving (0..90): persisted in cache_info with the replica rules, and
+   * GC re-evaluates at once. Throws PcacheError for a value outside the range.
+   */
+  setGcPercent(gc_percent: number): void {
+    setGcPercent(this.ctx, gc_percent);
   }
 
   /** Stop this thread's timers and close every kset (shutdown). */

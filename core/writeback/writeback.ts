@@ -28,6 +28,7 @@ import {
   STAT_ERR_BACKING_WRITE,
   STAT_WRITEBACK_BYTES,
   STAT_WRITEBACK_KSETS,
+  type SharedState,
   WAIT_CONTROL,
   WAIT_LOG_APPENDED,
 } from "../engine/shared_state.ts";
@@ -40,6 +41,15 @@ export const RETRY_DELAY_MS_MIN = 100;
 export const RETRY_DELAY_MS_MAX = 10_000;
 /** Idle wait when there is nothing to write back (a new kset wakes us sooner). */
 export const IDLE_WAIT_MS = 5_000;
+
+/**
+ * Pause or resume writeback (test hook, and the `drain` control later). While paused, dirty data
+ * stays in the cache, so GC finds nothing to reclaim and writers wait once the cache is full.
+ */
+export function setWritebackPaused(s: SharedState, paused: boolean): void {
+  Atomics.store(s.ctl, CTL_WRITEBACK_PAUSED, paused ? 1 : 0);
+  s.signal(WAIT_CONTROL);
+}
 
 export class Writeback {
   private retry_delay_ms = RETRY_DELAY_MS_MIN;

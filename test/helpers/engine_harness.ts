@@ -9,6 +9,8 @@ import { formatCache } from "../../core/format/format_cache.ts";
 import { MiB } from "../../core/format/constants.ts";
 import { SimDomain } from "../../core/persist/sim.ts";
 import { Writeback } from "../../core/writeback/writeback.ts";
+import { POS_DIRTY_TAIL, POS_KEY_HEAD, WAIT_DIRTY_TAIL } from "../../core/engine/shared_state.ts";
+import { waitUntilAsync } from "../../core/sync/wait_word.ts";
 
 /** Smallest cache the format accepts: 512 MiB, 31 segments. */
 export const CACHE_BYTES = 512 * MiB;
@@ -59,4 +61,36 @@ export function pattern(len: number, seed: number): Uint8Array {
     b[i] = x & 0xff;
   }
   return b;
+}
+
+/** Writeback and GC running as async loops in this thread (what their workers do). */
+export interface Loops {
+  /** Settles when both loops have returned (after the engine stops). */
+  done: Promise<void>;
+}
+
+export function startLoops(writeback: Writeback, gc: Gc): Loops {
+  return { done: Promise.all([writeback.run(), gc.run()]).then(() => undefined) };
+}
+
+/** Stop the loops (the engine's close sets the stopping flag and wakes them) and wait for them. */
+export async function closeWithLoops(engine: Engine, loops: Loops): Promise<void> {
+  await engine.close();
+  await loops.done;
+}
+
+/** p's outcome, unless a loop fails (an assertion, say) or stops first: then that, at once. */
+export function withLoops<T>(loops: Loops, p: Promise<T>): Promise<T> {
+  const stopped = loops.done.then((): never => {
+    throw new Error("writeback and GC loops stopped");
+  });
+  return Promise.race([p, stopped]);
+}
+
+/** Close every kset, then wait (on the dirty_tail wait word) until writeback reaches key_head. */
+export async function drainWithLoops(engine: Engine, loops: Loops, timeout_ms: number): Promise<boolean> {
+  await withLoops(loops, engine.flush());
+  const s = engine.ctx.s;
+  const drained = () => s.pos[POS_DIRTY_TAIL] === s.pos[POS_KEY_HEAD] && s.pos[POS_DIRTY_TAIL + 1] === s.pos[POS_KEY_HEAD + 1];
+  return withLoops(loops, waitUntilAsync(s.waits, WAIT_DIRTY_TAIL, drained, timeout_ms));
 }
