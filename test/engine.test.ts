@@ -1,9 +1,7 @@
 import { describe, expect, test } from "bun:test";
-import { MemoryBacking } from "../core/device/memory_backing.ts";
 import { DataCrcError } from "../core/errors.ts";
 import { MiB } from "../core/format/constants.ts";
 import { KEY_F_CRC_VERIFIED } from "../core/index/key_index.ts";
-import { makeRng } from "../core/persist/sim.ts";
 import { drainWriteback, newHarness, openHarness, pattern } from "./helpers/engine_harness.ts";
 
 async function readBack(h: ReturnType<typeof newHarness>, off: number, len: number): Promise<Uint8Array> {
@@ -92,48 +90,4 @@ describe("data CRC", () => {
     h.dom.write(at, new Uint8Array([h.dom.view(at, 1)[0] ^ 0xff]));
     expect(() => openHarness(h.dom, h.backing)).toThrow(/data CRC mismatch/);
   });
-});
-
-describe("engine model test", () => {
-  test("random writes, zeroes, reads, flushes, restarts, writeback and GC match a plain model", async () => {
-    const BACKING = 48 * MiB;
-    for (const seed of [1, 2, 3]) {
-      const rng = makeRng(seed);
-      const backing = new MemoryBacking(BACKING);
-      let h = newHarness(BACKING, { seed, gc_percent: 10, data_crc: seed === 3 });
-      h = openHarness(h.dom, backing);
-      const model = new Uint8Array(BACKING);
-      const ops = 1500;
-      for (let i = 0; i < ops; i++) {
-        const r = rng();
-        const len = 1 + Math.floor(rng() * (rng() < 0.1 ? 6 * MiB : 64 * 1024));
-        const off = Math.floor(rng() * (BACKING - len));
-        if (r < 0.45) {
-          const data = pattern(len, seed * 100000 + i);
-          await h.engine.write(off, data, rng() < 0.1);
-          model.set(data, off);
-        } else if (r < 0.5) {
-          await h.engine.writeZeroes(off, len, { fua: false });
-          model.fill(0, off, off + len);
-        } else if (r < 0.85) {
-          const got = await readBack(h, off, len);
-          if (!got.every((b, k) => b === model[off + k])) throw new Error(`seed ${seed} op ${i}: read ${off}+${len} differs`);
-        } else if (r < 0.9) {
-          await h.engine.flush();
-        } else if (r < 0.97) {
-          await drainWriteback(h);
-          h.gc.collect();
-          h.gc.prune();
-        } else {
-          await h.engine.flush();
-          h.engine.ctx.log.stopTimers();
-          h = openHarness(h.dom, backing);
-        }
-      }
-      await h.engine.flush();
-      await drainWriteback(h);
-      expect(backing.bytes).toEqual(model);
-      h.engine.ctx.log.stopTimers();
-    }
-  }, 120_000);
 });
