@@ -13,7 +13,7 @@ export const dumpKsetsCommand = defineCommand({
   },
   args: {
     cache: { type: "string", description: "cache device or file", required: true },
-    from: { type: "string", description: "where to start: key-tail (default) or dirty-tail", default: "key-tail" },
+    from: { type: "string", description: "where to start: key-tail or dirty-tail", default: "key-tail" },
     limit: { type: "string", description: "print at most this many ksets" },
     json: { type: "boolean", description: "one JSON document", default: false },
     "verify-data": { type: "boolean", description: "check the data CRC of every live key (caches formatted with --data-crc)", default: false },

@@ -13,7 +13,7 @@ export const formatCommand = defineCommand({
   args: {
     cache: { type: "string", description: "cache device or file", required: true },
     size: { type: "string", description: "create or extend a regular file to this size (sparse), e.g. 1G" },
-    "data-crc": { type: "boolean", description: "store a CRC of every cached extent (default: off)", default: false },
+    "data-crc": { type: "boolean", description: "store a CRC of every cached extent", default: false },
     "gc-percent": { type: "string", description: `GC threshold in percent of segments used, ${GC_PERCENT_MIN}..${GC_PERCENT_MAX} (default ${GC_PERCENT_DEFAULT})` },
     force: { type: "boolean", description: "overwrite an existing pcache or other data at the superblock", default: false },
   },

@@ -1,10 +1,13 @@
 #!/usr/bin/env bun
 /** pcache: a persistent-memory write-back block cache (Linux dm-pcache format), served over NBD. */
 import { defineCommand, runMain } from "citty";
+import { drainCommand } from "./drain.ts";
 import { dumpKsetsCommand } from "./dump_ksets.ts";
 import { formatCommand } from "./format.ts";
+import { gcPercentCommand } from "./gc_percent.ts";
 import { infoCommand } from "./info.ts";
 import { serveCommand } from "./serve.ts";
+import { statusCommand } from "./status.ts";
 
 export const VERSION = "0.1.0";
 
@@ -19,6 +22,9 @@ const main = defineCommand({
     info: infoCommand,
     "dump-ksets": dumpKsetsCommand,
     serve: serveCommand,
+    status: statusCommand,
+    "gc-percent": gcPercentCommand,
+    drain: drainCommand,
   },
 });
 

@@ -2,6 +2,7 @@ import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync } from "node:
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { defineCommand } from "citty";
+import { checkControlPath, defaultControlPath } from "../core/control/paths.ts";
 import { openCacheDevice } from "../core/device/cache_device.ts";
 import { openBackingFile } from "../core/device/file_backing.ts";
 import { Engine } from "../core/engine/engine.ts";
@@ -46,15 +47,16 @@ export const serveCommand = defineCommand({
     backing: { type: "string", description: "backing device or file (default: a 4 GiB sparse file in the data folder)" },
     nbd: { type: "string", description: `listen address: tcp://HOST:PORT or unix:PATH (default tcp://${DEFAULT_NBD_HOST}:${DEFAULT_NBD_PORT})` },
     stdin: { type: "boolean", description: "serve one client already connected on fd 0 (like nbdkit -s)", default: false },
-    export: { type: "string", description: "export name (default: pcache)", default: "pcache" },
+    export: { type: "string", description: "export name", default: "pcache" },
     description: { type: "string", description: "export description shown to clients" },
     "read-only": { type: "boolean", description: "refuse writes (EPERM)", default: false },
     "data-crc": { type: "boolean", description: "require a cache formatted with --data-crc (and format new ones so)", default: false },
     "data-dir": { type: "string", description: "folder for the default devices" },
     workers: { type: "string", description: "request worker threads (default: one per CPU core)" },
-    "max-connections": { type: "string", description: "open NBD connections allowed at once, over all workers (default 64)", default: "64" },
-    "log-level": { type: "string", description: "error, warn, info or debug (default info)", default: "info" },
-    "log-format": { type: "string", description: "text or json (default text)", default: "text" },
+    "max-connections": { type: "string", description: "open NBD connections allowed at once, over all workers", default: "64" },
+    control: { type: "string", description: "control socket for status, gc-percent and drain (default: derived from the cache path, under $XDG_RUNTIME_DIR/pcache or /tmp/pcache-UID)" },
+    "log-level": { type: "string", description: "error, warn, info or debug", default: "info" },
+    "log-format": { type: "string", description: "text, or json (one object per line) for machines", default: "text" },
   },
   run: ({ args }) => runCommand(() => serve(args)),
 });
@@ -71,6 +73,7 @@ interface ServeArgs {
   "data-dir"?: string;
   workers?: string;
   "max-connections": string;
+  control?: string;
   "log-level": string;
   "log-format": string;
 }
@@ -101,6 +104,7 @@ async function serve(args: ServeArgs): Promise<number> {
     ftruncateSync(fd, create_backing); // sparse
     closeSync(fd);
   }
+  if (args.control !== undefined) checkControlPath(args.control);
   const cache = openCacheDevice(cache_path, { create_size_bytes: create_cache });
   let runtime: ServeRuntime | null = null;
   try {
@@ -128,6 +132,7 @@ async function serve(args: ServeArgs): Promise<number> {
         listen: args.stdin ? { kind: "stdin" } : activated !== null ? { kind: "fd", fd: activated } : { kind: "spec", spec: args.nbd ?? `tcp://${DEFAULT_NBD_HOST}:${DEFAULT_NBD_PORT}` },
         request: { export_name: args.export, description: args.description, read_only: args["read-only"], max_connections },
         worker_urls: WORKER_URLS,
+        control_path: args.control ?? defaultControlPath(cache_path),
       });
     } catch (err) {
       backing.close();
@@ -139,7 +144,7 @@ async function serve(args: ServeArgs): Promise<number> {
   }
   if (runtime.uri !== null) {
     log.info(`serving ${backing_path} cached on ${cache_path} [${cache.domain.describe()}] with ${n_request_workers} request worker(s)`);
-    process.stdout.write(`listening: ${runtime.uri}\n`);
+    process.stdout.write(`listening: ${runtime.uri}\ncontrol: ${runtime.control_path}\n`);
   }
   return await runtime.finished;
 }

@@ -6,8 +6,12 @@
  *   2. the main thread closes any kset still open and sets CTL_STOPPING;
  *   3. writeback and GC finish their current step and stop;
  *   4. the listening socket goes, the devices are released, exit.
- * A second signal exits at once; what was acknowledged before a FLUSH is durable either way.
+ * The control socket (core/control/) stops answering when the shutdown begins and its file is
+ * removed. A second signal exits at once; what was acknowledged before a FLUSH is durable either way.
  */
+import { controlHandler } from "../core/control/handlers.ts";
+import { StateMonitor } from "../core/control/monitor.ts";
+import { ControlServer } from "../core/control/server.ts";
 import type { CacheDevice } from "../core/device/cache_device.ts";
 import type { FileBacking } from "../core/device/file_backing.ts";
 import { Engine } from "../core/engine/engine.ts";
@@ -34,11 +38,15 @@ export interface ServeOptions {
   listen: { kind: "spec"; spec: string } | { kind: "fd"; fd: number } | { kind: "stdin" };
   request: Omit<RequestOptions, "listen">;
   worker_urls: Record<WorkerRole, URL>;
+  /** Where the control socket goes (core/control/paths.ts derives the default). */
+  control_path: string;
 }
 
 export interface ServeRuntime {
   /** Where clients connect (null in stdin mode). */
   uri: string | null;
+  /** The control socket (`pcache status --control PATH`). */
+  control_path: string;
   /** Resolves with the exit status once the server has stopped. */
   finished: Promise<number>;
 }
@@ -50,6 +58,8 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
   // The main thread's own slot, after the request workers' (0..n-1), writeback (n) and GC (n+1).
   const main = Engine.attach(engine.shared, cache.domain, backing, n + 2, log);
   let listening: Listening | null = null;
+  let control: ControlServer | null = null;
+  const monitor = new StateMonitor(main.ctx, log);
   let stopping = false;
   let started = false;
 
@@ -57,11 +67,13 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     if (stopping) return;
     stopping = true;
     log.info(`${reason}: stopping`);
+    control?.close();
+    monitor.stop();
     const deadline = setTimeout(() => {
       log.error(`shutdown did not finish within ${SHUTDOWN_DEADLINE_MS} ms; exiting (acknowledged flushed writes are safe)`);
       process.exit(code === 0 ? EXIT_INTERNAL : code);
     }, SHUTDOWN_DEADLINE_MS);
-    await supervisor.stop("request", REQUEST_DRAIN_TIMEOUT_MS);
+    await stopRole("request", REQUEST_DRAIN_TIMEOUT_MS, "request workers stopped");
     if (locksFree(main)) {
       await main.close();
     } else {
@@ -70,8 +82,8 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
       log.warn("a lock is still held by a failed worker: open ksets were not closed");
       main.ctx.log.stopTimers();
     }
-    await supervisor.stop("writeback", BACKGROUND_STOP_TIMEOUT_MS);
-    await supervisor.stop("gc", BACKGROUND_STOP_TIMEOUT_MS);
+    await stopRole("writeback", BACKGROUND_STOP_TIMEOUT_MS, "writeback stopped");
+    await stopRole("gc", BACKGROUND_STOP_TIMEOUT_MS, "gc stopped");
     supervisor.terminateAll();
     listening?.close();
     cache.close();
@@ -90,6 +102,11 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     },
     on_client_gone: () => void shutdown("the stdin client disconnected", 0),
   });
+  // One line per role once all its workers have stopped (a worker that did not says so itself).
+  const stopRole = async (role: WorkerRole, timeout_ms: number, done: string) => {
+    const had = supervisor.states().some((w) => w.role === role && w.state === "running");
+    if ((await supervisor.stop(role, timeout_ms)) && had) log.info(done);
+  };
   const onSignal = (signal: string) => {
     if (stopping) {
       log.warn(`${signal} again: exiting at once`);
@@ -111,6 +128,20 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     log_level: log.level,
   });
   try {
+    control = await ControlServer.listen(
+      opts.control_path,
+      controlHandler({
+        engine: main,
+        monitor,
+        workers: () => supervisor.states(),
+        persistence_domain: cache.domain.name,
+        persistence_detail: cache.domain.describe(),
+        read_only: opts.request.read_only,
+        log,
+      }),
+      log,
+    );
+    monitor.start();
     if (opts.request.read_only) log.info("read-only: writeback is off; dirty data already in the cache stays there");
     else await supervisor.start(opts.worker_urls.writeback, base("writeback", n, "writeback"));
     await supervisor.start(opts.worker_urls.gc, base("gc", n + 1, "gc"));
@@ -124,10 +155,13 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
   } catch (err) {
     supervisor.terminateAll();
     listening?.close();
+    control?.close();
+    monitor.stop();
     throw err;
   }
   started = true;
-  return { uri: listening?.uriFor(opts.request.export_name) ?? null, finished: finished.promise };
+  log.info(`control socket ${opts.control_path}`);
+  return { uri: listening?.uriFor(opts.request.export_name) ?? null, control_path: opts.control_path, finished: finished.promise };
 }
 
 function locksFree(engine: Engine): boolean {

@@ -18,6 +18,7 @@ const SOL_SOCKET = 1;
 const SO_REUSEADDR = 2;
 const IPPROTO_IPV6 = 41;
 const IPV6_V6ONLY = 26;
+const SO_PEERCRED = 17;
 const F_DUPFD_CLOEXEC = 1030;
 /** sun_path is 108 bytes including the terminating NUL. */
 const UNIX_PATH_MAX_BYTES = 107;
@@ -28,6 +29,7 @@ const sock = dlopen("libc.so.6", {
   bind: { args: ["i32", "ptr", "u32"], returns: "i32" },
   listen: { args: ["i32", "i32"], returns: "i32" },
   setsockopt: { args: ["i32", "i32", "i32", "ptr", "u32"], returns: "i32" },
+  getsockopt: { args: ["i32", "i32", "i32", "ptr", "ptr"], returns: "i32" },
   getsockname: { args: ["i32", "ptr", "ptr"], returns: "i32" },
   fcntl: { args: ["i32", "i32", "i32"], returns: "i32" },
 }).symbols;
@@ -151,4 +153,12 @@ export async function listenTcp(host: string, port: number): Promise<TcpListenin
 /** A listening unix socket at `path` (the caller removes stale files first and unlinks at exit). */
 export function listenUnix(path: string): number {
   return openListening(AF_UNIX, sockaddrUnix(path), `listen on unix:${path}`, () => {});
+}
+
+/** The uid of the process at the other end of a connected unix socket (SO_PEERCRED), or null. */
+export function peerUid(fd: number): number | null {
+  const cred = new Int32Array(3); // struct ucred: pid, uid, gid
+  const len = new Uint32Array([cred.byteLength]);
+  if (sock.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) !== 0 || len[0] < 8) return null;
+  return cred[1] >>> 0;
 }
