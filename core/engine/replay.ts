@@ -72,7 +72,9 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
           idx.flags[node] |= KEY_F_CRC_VERIFIED;
         }
         const sub = idx.subtreeOf(k.off);
-        if (idx.insert(sub, node, spare, ctx.isStale) === INSERT_OK_SPARE_USED) spare = -1;
+        // No stale check on the search path: generations do not move during replay, and the walk
+        // already dropped every key whose generation moved on.
+        if (idx.insert(sub, node, spare, null) === INSERT_OK_SPARE_USED) spare = -1;
       }
       return true;
     },
