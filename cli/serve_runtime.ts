@@ -26,6 +26,8 @@ import { inheritedListening, type Listening, openListening } from "./listen.ts";
 export const REQUEST_DRAIN_TIMEOUT_MS = 30_000;
 /** Writeback and GC finish their current step within this. */
 const BACKGROUND_STOP_TIMEOUT_MS = 30_000;
+/** After a worker failure, how long a held lock may take to be released before it counts as the dead worker's. */
+const FAILED_LOCK_WAIT_MS = 2_000;
 /** If an orderly shutdown takes longer than this, exit anyway. */
 const SHUTDOWN_DEADLINE_MS = 90_000;
 
@@ -62,6 +64,7 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
   const monitor = new StateMonitor(main.ctx, log);
   let stopping = false;
   let started = false;
+  let worker_failed = false;
 
   const shutdown = async (reason: string, code: number) => {
     if (stopping) return;
@@ -74,13 +77,15 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
       process.exit(code === 0 ? EXIT_INTERNAL : code);
     }, SHUTDOWN_DEADLINE_MS);
     await stopRole("request", REQUEST_DRAIN_TIMEOUT_MS, "request workers stopped");
-    if (locksFree(main)) {
+    // Writeback and GC still run here and take locks briefly; only a dead worker holds one for long.
+    const closing = !worker_failed || (await locksFreeWithin(main, FAILED_LOCK_WAIT_MS));
+    if (closing) {
       await main.close();
     } else {
       // A worker died holding a lock: closing ksets could wait forever. Writes acknowledged
       // before the last FLUSH are durable already; later ones are as after a crash.
       log.warn("a lock is still held by a failed worker: open ksets were not closed");
-      main.ctx.log.stopTimers();
+      main.stopBackground();
     }
     await stopRole("writeback", BACKGROUND_STOP_TIMEOUT_MS, "writeback stopped");
     await stopRole("gc", BACKGROUND_STOP_TIMEOUT_MS, "gc stopped");
@@ -89,12 +94,13 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     cache.close();
     backing.close();
     clearTimeout(deadline);
-    log.info(code === 0 ? "stopped; every kset is closed" : "stopped after a failure");
+    log.info(code !== 0 ? "stopped after a failure" : closing ? "stopped; every kset is closed" : "stopped; open ksets were left as after a crash");
     finished.resolve(code);
   };
 
   const supervisor = new Supervisor(log, {
     on_failure: (name, why) => {
+      worker_failed = true;
       // During start the failure rejects start() below, which cleans up instead.
       if (!started) return;
       log.error(`${name} failed: ${why}; stopping the server`);
@@ -164,8 +170,18 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
   return { uri: listening?.uriFor(opts.request.export_name) ?? null, control_path: opts.control_path, finished: finished.promise };
 }
 
-function locksFree(engine: Engine): boolean {
+/**
+ * After a worker failure: are all locks free, or do they become free within `wait_ms`? Writeback
+ * and GC hold locks only for short steps, so a lock held that long belongs to the dead worker.
+ */
+async function locksFreeWithin(engine: Engine, wait_ms: number): Promise<boolean> {
   const locks = engine.ctx.s.locks;
-  for (let i = 0; i < locks.length; i++) if (Atomics.load(locks, i) !== LOCK_FREE) return false;
-  return true;
+  const until = performance.now() + wait_ms;
+  for (;;) {
+    let held = false;
+    for (let i = 0; i < locks.length && !held; i++) held = Atomics.load(locks, i) !== LOCK_FREE;
+    if (!held) return true;
+    if (performance.now() >= until) return false;
+    await Bun.sleep(10);
+  }
 }

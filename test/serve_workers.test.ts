@@ -142,6 +142,47 @@ h.shutdown()
     60_000,
   );
 
+  test.if(HAVE_NBDSH)(
+    "SIGTERM while writeback and GC are busy closes every kset and exits 0 (regression: a running worker's lock was taken for a failed worker's)",
+    async () => {
+      const dev = devices();
+      for (let round = 0; round < 8; round++) {
+        const s = await serve(dev);
+        // 48 MiB of 64 KiB writes: writeback and GC are mid-step when the signal arrives.
+        const w = nbdsh(`
+import nbd
+h = nbd.NBD()
+h.connect_uri(${JSON.stringify(s.uri)})
+for i in range(768):
+    h.pwrite(bytes([${round} + 1]) * 65536, (i * 65536) % (64 << 20))
+h.shutdown()
+`);
+        expect(w.err).toBe("");
+        const t0 = performance.now();
+        s.proc.kill("SIGTERM");
+        const stopped = await Promise.race([s.proc.exited, Bun.sleep(20_000).then(() => "hung")]);
+        const err = await s.stderr();
+        expect({ round, stopped }).toEqual({ round, stopped: 0 });
+        expect(err).not.toContain("lock is still held");
+        expect(err).toContain("stopped; every kset is closed");
+        expect(performance.now() - t0).toBeLessThan(20_000);
+      }
+      // Everything written (without a FLUSH) was in closed ksets at shutdown: it is all there.
+      const s = await serve(dev);
+      const r = nbdsh(`
+import nbd
+h = nbd.NBD()
+h.connect_uri(${JSON.stringify(s.uri)})
+for i in range(48):
+    assert h.pread(1 << 20, i << 20) == bytes([8]) * (1 << 20), i
+h.shutdown()
+`);
+      s.proc.kill("SIGKILL");
+      expect(r.err).toBe("");
+    },
+    180_000,
+  );
+
   test("--workers and --max-connections are validated", () => {
     const dev = devices();
     for (const [flag, value, want] of [

@@ -207,7 +207,15 @@ export class Engine {
   async close(): Promise<void> {
     this.ctx.log.stopTimers();
     await this.ctx.log.closeAll(this.ctx.limits.space_wait_ms);
-    // Wake writeback and GC so they see the flag now rather than after their idle wait.
+    this.stopBackground();
+  }
+
+  /**
+   * Tell writeback and GC to stop (CTL_STOPPING) and wake them so they see it now rather than
+   * after their idle wait. Without close() first, open ksets stay open (failure path only).
+   */
+  stopBackground(): void {
+    this.ctx.log.stopTimers();
     Atomics.store(this.ctx.s.ctl, CTL_STOPPING, 1);
     for (let w = 0; w < WAIT_WORDS; w++) this.ctx.s.signal(w);
   }

@@ -79,6 +79,12 @@ export interface LoadOptions {
 
 const SB_AT = `superblock at ${hexOff(SB_OFF)}`;
 
+/**
+ * Largest segment generation accepted. Each free bumps it by one, so 2^52 is out of reach of any
+ * real cache, while a crafted value near 2^53 would make GC's next bump leave the safe integers.
+ */
+export const SEG_GEN_MAX = 2 ** 52;
+
 function fail(message: string): never {
   throw new InvalidDeviceError(message);
 }
@@ -166,6 +172,9 @@ function walkChain(dom: PersistDomain, first: number, n_segs: number, seg_num: n
     const type = segInfoType(info.value);
     if (type !== SEG_TYPE_CACHE_DATA) fail(`${at}: segment type ${type}, expected ${SEG_TYPE_CACHE_DATA} (CACHE_DATA)`);
     const gen = readReplicas(dom, SEG_GEN_RECORD, phys).latest;
+    if (gen !== null && gen.value.gen > SEG_GEN_MAX) {
+      fail(`seg_gen of ${seg} (slot ${gen.slot}, seq ${gen.seq}): gen ${gen.value.gen} exceeds ${SEG_GEN_MAX}, which no cache reaches (GC could not bump it)`);
+    }
     chain.seg_ids.push(phys);
     chain.segment_info.push(info);
     chain.seg_gens.push(gen === null ? 0 : gen.value.gen);

@@ -38,7 +38,8 @@ function describe(err: unknown): { msg: string; stack?: string } {
 function forwardingLogger(name: string, level: StartMessage["log_level"]): Logger {
   const max = LEVEL_RANK[level];
   const emit = (lvl: keyof typeof LEVEL_RANK) => (msg: string) => {
-    if (LEVEL_RANK[lvl] <= max) post({ type: "log", level: lvl, msg: `${name}: ${msg}` });
+    // Engine messages that already name their thread (e.g. "writeback: ...") keep one prefix.
+    if (LEVEL_RANK[lvl] <= max) post({ type: "log", level: lvl, msg: msg.startsWith(`${name}: `) ? msg : `${name}: ${msg}` });
   };
   return { error: emit("error"), warn: emit("warn"), info: emit("info"), debug: emit("debug") };
 }
