@@ -9,3 +9,11 @@ export class AssertionError extends Error {
 export function assert(condition: unknown, message: string): asserts condition {
   if (!condition) throw new AssertionError(`assertion failed: ${message}`);
 }
+
+/**
+ * For hot paths: `if (!cond) fail(\`...\`)` builds its message only when the check fails, where
+ * assert(cond, \`...\`) would build the template string on every call.
+ */
+export function fail(message: string): never {
+  throw new AssertionError(`assertion failed: ${message}`);
+}

@@ -87,6 +87,7 @@ const SYMBOLS = {
   ioctl: { args: ["i32", "u64", "ptr"], returns: "i32" },
   ftruncate: { args: ["i32", "i64"], returns: "i32" },
   fallocate: { args: ["i32", "i32", "i64", "i64"], returns: "i32" },
+  fstatfs: { args: ["i32", "ptr"], returns: "i32" },
   sysconf: { args: ["i32"], returns: FFIType.i64_fast },
   strerror: { args: ["i32"], returns: "cstring" },
   __errno_location: { args: [], returns: "ptr" },
@@ -229,6 +230,21 @@ export function blockDeviceSize(fd: number): number {
 }
 
 /** Size in bytes of a regular file (st_size) or a block device (BLKGETSIZE64). */
+/** f_type values of file systems whose pages are the storage itself (no writeback to do). */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+/**
+ * Is fd a file on tmpfs or ramfs? There msync has nothing to write back (the kernel's fsync of
+ * shmem is a no-op), so the msync domain can skip the syscall without changing what is durable.
+ */
+export function onMemoryFileSystem(fd: number): boolean {
+  const buf = new Uint8Array(120); // struct statfs on x86_64/aarch64; f_type is the first long
+  check("fstatfs", `fd ${fd}`, () => libc.fstatfs(fd, buf));
+  const f_type = Number(new DataView(buf.buffer).getBigInt64(0, true));
+  return f_type === TMPFS_MAGIC || f_type === RAMFS_MAGIC;
+}
+
 export function fileSize(fd: number): number {
   const st = fstatFd(fd);
   if (st.kind === "file") return st.size_bytes;

@@ -3,7 +3,7 @@
  * Every durable write is checked through a fresh mapping or pread after the domain is closed.
  */
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { AssertionError } from "../core/assert.ts";
@@ -92,6 +92,21 @@ describe("domains over a file mapping", () => {
     const again = openCacheDevice(path);
     checkSamples((off, len) => again.domain.view(off, len), samples);
     again.close();
+  });
+
+  test.if(existsSync("/dev/shm"))("msync domain on tmpfs: no msync needed (said so), data read back after reopen", () => {
+    const d = mkdtempSync("/dev/shm/pcache-persist-");
+    try {
+      const path = join(d, "tmpfs.img");
+      const dev = openCacheDevice(path, { create_size_bytes: SEGMENTS_OFF + 3 * SEG_SIZE });
+      expect(dev.domain.name).toBe("msync");
+      expect(dev.domain.describe()).toContain("file on tmpfs: the pages are the file, so no msync is needed");
+      const samples = writeSamples(dev.domain, 2);
+      dev.close();
+      checkSamples((off, len) => preadFile(path, off, len), samples);
+    } finally {
+      rmSync(d, { recursive: true, force: true });
+    }
   });
 
   // MAP_SYNC is not available on this machine, so the pmem domain is exercised over a plain

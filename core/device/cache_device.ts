@@ -18,6 +18,7 @@ import {
   mapShared,
   openDeviceFile,
   type StatInfo,
+  onMemoryFileSystem,
 } from "../../ffi/libc.ts";
 import type { PersistDomain, PersistDomainName } from "../persist/domain.ts";
 import { MsyncDomain } from "../persist/msync.ts";
@@ -84,13 +85,15 @@ export function openCacheDevice(path: string, opts: OpenCacheOptions = {}): Cach
       throw new PcacheError(`cache device ${path} is empty (size ${size_bytes} bytes)`);
     }
     const map = mapShared(fd, size_bytes, { readOnly: read_only, populate: opts.populate });
+    const memory_fs = kind === "file" && !map.sync && onMemoryFileSystem(fd);
     const attach: AttachOptions = {
       base: map.base,
       size_bytes,
       domain_name: map.sync || kind === "chardev" ? "pmem" : "msync",
       read_only,
       path,
-      note: map.sync ? "MAP_SYNC" : kind === "chardev" ? "device dax" : kind === "block" ? "block device" : "regular file",
+      note: map.sync ? "MAP_SYNC" : kind === "chardev" ? "device dax" : kind === "block" ? "block device" : memory_fs ? "file on tmpfs" : "regular file",
+      memory_fs,
     };
     const domain = makeDomain(attach, true);
     return {
@@ -122,6 +125,8 @@ export interface AttachOptions {
   path?: string;
   /** How the device is mapped, for describe(). */
   note?: string;
+  /** A file on tmpfs/ramfs: the msync domain skips msync, which has nothing to write there. */
+  memory_fs?: boolean;
 }
 
 function makeDomain(opts: AttachOptions, owns_mapping: boolean): PersistDomain {
@@ -132,6 +137,7 @@ function makeDomain(opts: AttachOptions, owns_mapping: boolean): PersistDomain {
     owns_mapping,
     label: `cache device ${opts.path ?? "(attached)"}`,
     note: opts.note,
+    memory_fs: opts.memory_fs ?? false,
   };
   if (opts.domain_name === "pmem") return new PmemDomain(args);
   if (opts.domain_name === "msync") return new MsyncDomain(args);

@@ -7,7 +7,7 @@
  * generation is recognised as stale everywhere (read, replay, writeback) once the segment is
  * reused. Key-log segments hold no data keys and are freed without a generation bump.
  */
-import { assert } from "../assert.ts";
+import { assert, fail } from "../assert.ts";
 import { SEG_DATA_SIZE } from "../format/constants.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import type { Media } from "./media.ts";
@@ -99,7 +99,7 @@ export class SegmentTable {
 
   /** Mark a segment used during replay (single-threaded, before workers start). */
   markUsed(cache_seg_id: number): void {
-    assert(cache_seg_id >= 0 && cache_seg_id < this.n_segs, `segment ${cache_seg_id} out of range`);
+    if (!(cache_seg_id >= 0 && cache_seg_id < this.n_segs)) fail(`segment ${cache_seg_id} out of range`);
     if (this.s.seg_map[cache_seg_id] !== 0) return;
     this.s.seg_map[cache_seg_id] = 1;
     this.s.ctl[CTL_SEGS_USED]++;
@@ -112,7 +112,7 @@ export class SegmentTable {
   /** Drop one reference; the last one frees (invalidates) the segment. */
   put(cache_seg_id: number): void {
     const before = Atomics.sub(this.s.seg_refs, cache_seg_id, 1);
-    assert(before > 0, `segment ${cache_seg_id} reference count underflow`);
+    if (!(before > 0)) fail(`segment ${cache_seg_id} reference count underflow`);
     if (before === 1) this.invalidate(cache_seg_id);
   }
 
@@ -158,7 +158,7 @@ export class SegmentTable {
    * Returns null when no segment is free.
    */
   allocData(head: number, len: number): DataAlloc | null {
-    assert(len > 0 && len <= SEG_DATA_SIZE, `data allocation of ${len} bytes`);
+    if (!(len > 0 && len <= SEG_DATA_SIZE)) fail(`data allocation of ${len} bytes`);
     const h = this.s.heads;
     const base = head * HEAD_WORDS;
     if (h[base + HEAD_SEG] < 0) {

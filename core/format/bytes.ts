@@ -3,7 +3,7 @@
  * little-endian (reference §1.1); u64 fields that hold offsets or generations become JS numbers,
  * and a value that a number cannot hold exactly is invalid device data, not a bug.
  */
-import { assert } from "../assert.ts";
+import { assert, fail } from "../assert.ts";
 import { InvalidDeviceError } from "../errors.ts";
 
 /** A DataView over exactly the bytes of b (works for subarrays and shared memory). */
@@ -29,7 +29,7 @@ export function readU64Number(dv: DataView, off: number, what: string): number {
 
 /** Write a non-negative safe integer as a little-endian u64. */
 export function writeU64Number(dv: DataView, off: number, value: number): void {
-  assert(Number.isSafeInteger(value) && value >= 0, `u64 field value ${value} is not a non-negative safe integer`);
+  if (!(Number.isSafeInteger(value) && value >= 0)) fail(`u64 field value ${value} is not a non-negative safe integer`);
   dv.setUint32(off, value % 0x1_0000_0000, true);
   dv.setUint32(off + 4, Math.floor(value / 0x1_0000_0000), true);
 }
@@ -70,5 +70,5 @@ export function isAllZero(b: Uint8Array): boolean {
 
 /** Check that v is an integer in [0, 2^32), for encoders of u32 fields. */
 export function assertU32(v: number, name: string): void {
-  assert(Number.isInteger(v) && v >= 0 && v <= 0xffff_ffff, `${name} ${v} does not fit a u32`);
+  if (!(Number.isInteger(v) && v >= 0 && v <= 0xffff_ffff)) fail(`${name} ${v} does not fit a u32`);
 }

@@ -9,7 +9,7 @@
  *  32 u32 data_crc       CRC-32C of the cached bytes (meaningful only with DATA_CRC)
  *  36 u32 reserved       the kernel leaves stale bytes here; written 0, ignored on read
  */
-import { assert } from "../assert.ts";
+import { assert, fail } from "../assert.ts";
 import { assertU32, readU64Number, writeU64Number } from "./bytes.ts";
 import { KEY_SIZE } from "./constants.ts";
 
@@ -31,7 +31,7 @@ export type DecodedKey = KeyFields;
  * empty and never ends past 2^53): a violation is a bug in pcache, not bad input.
  */
 export function encodeKeyInto(dv: DataView, at: number, key: KeyFields): void {
-  assert(Number.isSafeInteger(key.off) && key.off >= 0, `key off ${key.off} is not a non-negative safe integer`);
+  if (!(Number.isSafeInteger(key.off) && key.off >= 0)) fail(`key off ${key.off} is not a non-negative safe integer`);
   assert(key.len > 0, "a key is never empty");
   assert(Number.isSafeInteger(key.off + key.len), "key end does not fit 2^53");
   assertU32(key.len, "key len");
@@ -39,7 +39,7 @@ export function encodeKeyInto(dv: DataView, at: number, key: KeyFields): void {
   assertU32(key.cache_seg_id, "key cache_seg_id");
   assertU32(key.cache_seg_off, "key cache_seg_off");
   assertU32(key.data_crc >>> 0, "key data_crc");
-  assert(at >= 0 && at + KEY_SIZE <= dv.byteLength, `key slot at ${at} outside the buffer`);
+  if (!(at >= 0 && at + KEY_SIZE <= dv.byteLength)) fail(`key slot at ${at} outside the buffer`);
   writeU64Number(dv, at, key.off);
   dv.setUint32(at + 8, key.len, true);
   dv.setUint32(at + 12, key.flags, true);

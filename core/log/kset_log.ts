@@ -10,7 +10,7 @@
  * stale past key_head can ever be mistaken for a kset, even if a crash keeps the kset and drops
  * its terminator.
  */
-import { assert } from "../assert.ts";
+import { assert, fail } from "../assert.ts";
 import { CacheFullError } from "../errors.ts";
 import {
   KEY_SIZE,
@@ -90,7 +90,7 @@ export class KsetLog {
   append(kset_id: number, key: KeyFields): number {
     const meta = kset_id * KSET_META_WORDS;
     const n = this.s.kset_meta[meta + KSET_KEY_NUM];
-    assert(n < KSET_KEYS_MAX, `append to full kset ${kset_id}`);
+    if (n >= KSET_KEYS_MAX) fail(`append to full kset ${kset_id}`);
     encodeKeyInto(this.encode_view, kset_id * KSET_SIZE_MAX + KSET_HEADER_SIZE + n * KEY_SIZE, key);
     this.s.kset_meta[meta + KSET_KEY_NUM] = n + 1;
     if (n === 0) this.armTimer(kset_id);

@@ -29,6 +29,8 @@ export interface MappedDomainOptions {
   label?: string;
   /** How the device is mapped, for describe() (e.g. "regular file", "MAP_SYNC", "device dax"). */
   note?: string;
+  /** msync domain only: the file is on tmpfs/ramfs, where msync has nothing to write back. */
+  memory_fs?: boolean;
 }
 
 export abstract class MappedDomain implements PersistDomain {
@@ -128,6 +130,13 @@ export abstract class MappedDomain implements PersistDomain {
 
 export class MsyncDomain extends MappedDomain {
   readonly name = "msync" as const;
+  /** On tmpfs the mapped pages are the file: msync would be a syscall that does nothing. */
+  private readonly memory_fs: boolean;
+
+  constructor(opts: MappedDomainOptions) {
+    super(opts);
+    this.memory_fs = opts.memory_fs ?? false;
+  }
 
   write(dev_off: number, src: Uint8Array): void {
     this.checkWritable();
@@ -137,13 +146,14 @@ export class MsyncDomain extends MappedDomain {
   flush(dev_off: number, len: number): void {
     this.checkWritable();
     this.locate(dev_off, len);
-    msyncRange(this.base, dev_off, len);
+    if (!this.memory_fs) msyncRange(this.base, dev_off, len);
   }
 
   /** Each flush was already synchronous. */
   fence(): void {}
 
   describe(): string {
+    if (this.memory_fs) return `msync: ${this.note || "file on tmpfs"}: the pages are the file, so no msync is needed; the cache lasts until the machine restarts`;
     const on = this.note ? `${this.note} on the page cache` : "page cache";
     return `msync: ${on}, msync(MS_SYNC) of the touched pages per flush`;
   }
