@@ -8,7 +8,7 @@
  * Failures never move dirty_tail: the same kset is retried with a growing delay, and the state is
  * logged once when it begins and once when it ends.
  */
-import { assert } from "../assert.ts";
+import { fail } from "../assert.ts";
 import { KEY_F_CLEAN } from "../format/constants.ts";
 import { isAllZero } from "../format/bytes.ts";
 import type { CacheMeta } from "../format/load_cache.ts";
@@ -143,7 +143,7 @@ export class Writeback {
   private async writeExtent(e: Extent): Promise<void> {
     const { media, segs, backing } = this.ctx;
     // Dirty data cannot be reclaimed before writeback passes it: its generation must be current.
-    assert(e.seg_gen === segs.gen(e.cache_seg_id), `dirty key off=${e.off} names a stale segment generation`);
+    if (e.seg_gen !== segs.gen(e.cache_seg_id)) fail(`dirty key off=${e.off} names a stale segment generation`);
     const data = media.dom.view(media.dataOff(e.cache_seg_id, e.seg_off), e.len);
     if (isAllZero(data)) await backing.writeZeroes(e.off, e.len);
     else await backing.write(e.off, data);
