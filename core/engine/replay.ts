@@ -7,11 +7,12 @@
 import { InvalidDeviceError, PcacheError } from "../errors.ts";
 import { KEY_F_EMPTY, SEG_DATA_SIZE } from "../format/constants.ts";
 import type { CacheMeta } from "../format/load_cache.ts";
-import { KEY_F_CRC_VERIFIED, INSERT_OK_SPARE_USED } from "../index/key_index.ts";
+import { KEY_F_CRC_VERIFIED } from "../index/key_index.ts";
 import { posEqual } from "../log/position.ts";
 import { walkLog } from "../log/walk.ts";
 import { zeroRange } from "../persist/zero.ts";
 import type { EngineContext } from "./context.ts";
+import { ReplayIndexBuilder } from "./replay_index.ts";
 import { POS_DIRTY_TAIL, POS_KEY_HEAD, POS_KEY_TAIL } from "./shared_state.ts";
 
 export interface ReplayResult {
@@ -30,8 +31,8 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
   let keys = 0;
   let stale_keys = 0;
   let ksets = 0;
-  let spare = -1;
   let dirty_tail_seen = false;
+  const builder = new ReplayIndexBuilder(idx);
   segs.markUsed(meta.key_tail.cache_seg_id);
   const walk = walkLog(
     ctx.media.dom,
@@ -59,8 +60,7 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
           continue;
         }
         const node = idx.allocNode();
-        if (spare < 0) spare = idx.allocNode();
-        if (node < 0 || spare < 0) {
+        if (node < 0) {
           throw new PcacheError(
             `index pool exhausted during replay after ${keys} keys (${idx.nodes_max} nodes); start with a larger --index-nodes`,
           );
@@ -71,15 +71,14 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
           idx.setCrc(node, k.data_crc, k.cache_seg_off, k.len);
           idx.flags[node] |= KEY_F_CRC_VERIFIED;
         }
-        const sub = idx.subtreeOf(k.off);
-        // No stale check on the search path: generations do not move during replay, and the walk
-        // already dropped every key whose generation moved on.
-        if (idx.insert(sub, node, spare, null) === INSERT_OK_SPARE_USED) spare = -1;
+        // Linked once the walk is done (replay_index.ts). Generations do not move during replay,
+        // and the walk already dropped every key whose generation moved on.
+        builder.add(idx.subtreeOf(k.off), node, k.off, k.len);
       }
       return true;
     },
   );
-  if (spare >= 0) idx.freeNode(spare);
+  builder.finish();
   const head = walk.end_pos;
   if (!dirty_tail_seen && !posEqual(head, meta.dirty_tail)) {
     throw new InvalidDeviceError(

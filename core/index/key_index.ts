@@ -620,6 +620,38 @@ export class KeyIndex {
   }
 
   /**
+   * Link `n` private nodes, ids[0..n) sorted by offset and not overlapping, into the empty
+   * subtree s in O(n): the treap that n links would build (its shape follows from keys and
+   * priorities alone), made on the right spine with a stack. Replay uses it for subtrees whose
+   * keys do not overlap; anything else goes through insert().
+   */
+  buildSorted(s: number, ids: Int32Array, n: number, stack: Int32Array): void {
+    if (this.count(s) !== 0) broken(`buildSorted: subtree ${s} is not empty`);
+    if (n > ids.length || n > stack.length) broken(`buildSorted: ${n} keys do not fit the scratch arrays`);
+    const links = this.links;
+    const off = this.off;
+    const len = this.len;
+    const prio = this.prio;
+    let top = -1;
+    let prev_end = -1;
+    for (let i = 0; i < n; i++) {
+      const id = ids[i];
+      if (off[id] < prev_end || len[id] === 0) broken(`buildSorted: key ${id} at ${off[id]} is out of order or empty`);
+      this.checkRange(s, off[id], len[id]);
+      prev_end = off[id] + len[id];
+      // Nodes of lower priority on the right spine become id's left subtree.
+      let last = NIL;
+      while (top >= 0 && prio[stack[top]] < prio[id]) last = stack[top--];
+      links[2 * id] = last;
+      links[2 * id + 1] = NIL;
+      if (top >= 0) links[2 * stack[top] + 1] = id;
+      stack[++top] = id;
+    }
+    links[this.root_base + s] = top >= 0 ? stack[0] : NIL;
+    this.sub[s * SUB_WORDS + SUB_COUNT] = n;
+  }
+
+  /**
    * Check subtree s completely: search-tree order, heap order, keys sorted and non-overlapping,
    * len > 0, inside the subtree, no free node linked, count right. Throws AssertionError; returns
    * the number of keys. O(n); tests and debug only.
