@@ -88,6 +88,8 @@ const SYMBOLS = {
   ftruncate: { args: ["i32", "i64"], returns: "i32" },
   fallocate: { args: ["i32", "i32", "i64", "i64"], returns: "i32" },
   fstatfs: { args: ["i32", "ptr"], returns: "i32" },
+  gettid: { args: [], returns: "i32" },
+  setpriority: { args: ["i32", "u32", "i32"], returns: "i32" },
   sysconf: { args: ["i32"], returns: FFIType.i64_fast },
   strerror: { args: ["i32"], returns: "cstring" },
   __errno_location: { args: [], returns: "ptr" },
@@ -230,6 +232,18 @@ export function blockDeviceSize(fd: number): number {
 }
 
 /** Size in bytes of a regular file (st_size) or a block device (BLKGETSIZE64). */
+const PRIO_PROCESS = 0;
+
+/**
+ * Give the calling thread a nice value (Linux nice is per thread). Best effort: returns the errno
+ * text when refused, null on success.
+ */
+export function niceThisThread(nice: number): string | null {
+  const tid = libc.gettid();
+  if (libc.setpriority(PRIO_PROCESS, tid, nice) === 0) return null;
+  return describeErrno(getErrno());
+}
+
 /** f_type values of file systems whose pages are the storage itself (no writeback to do). */
 const TMPFS_MAGIC = 0x01021994;
 const RAMFS_MAGIC = 0x858458f6;

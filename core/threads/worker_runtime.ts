@@ -7,7 +7,15 @@ import { attachCacheDevice } from "../device/cache_device.ts";
 import { attachBackingFile } from "../device/file_backing.ts";
 import type { Logger } from "../engine/context.ts";
 import { Engine } from "../engine/engine.ts";
+import { niceThisThread } from "../../ffi/libc.ts";
 import type { FromWorker, StartMessage, ToWorker } from "./protocol.ts";
+
+/**
+ * Writeback and GC run at this nice value: when the CPUs are busy, request threads (whose
+ * latency clients see) come first, and background work still gets a share (a third of a
+ * request thread's at nice 5), so it cannot starve.
+ */
+export const BACKGROUND_NICE = 5;
 
 declare const self: Worker;
 
@@ -84,6 +92,10 @@ export function runWorker(role: (start: StartMessage, tools: WorkerTools) => Pro
     try {
       if (msg.type === "start") {
         const log = forwardingLogger(msg.name, msg.log_level);
+        if (msg.role !== "request") {
+          const refused = niceThisThread(BACKGROUND_NICE);
+          if (refused !== null) log.debug(`could not lower this thread's priority: ${refused}`);
+        }
         handle = await role(msg, { log, post, fatal });
         post({ type: "ready" });
         injectFault(msg.name);
