@@ -81,6 +81,18 @@ describe("BufferPool", () => {
     expect(pool.pooled_free_bytes).toBe(0);
   });
 
+  test("size classes: powers of two from 4 KiB to 64 KiB, then multiples of 64 KiB", () => {
+    expect([1, 4096, 4097, 4112, 40_000, 65536, 65537, 200_000].map((n) => BufferPool.classBytes(n))).toEqual([
+      4096, 4096, 8192, 8192, 65536, 65536, 131072, 262144,
+    ]);
+    const pool = new BufferPool();
+    const reply = pool.acquire(4112); // a 4 KiB READ and its header
+    expect(reply.buffer.byteLength).toBe(8192);
+    pool.release(reply);
+    expect(pool.acquire(5000).buffer).toBe(reply.buffer);
+    expect(pool.acquire(4095).buffer.byteLength).toBe(4095); // below 4 KiB: a plain allocation
+  });
+
   test("foreign buffers are never taken in; the free list is capped", () => {
     const pool = new BufferPool(131072);
     pool.release(new Uint8Array(65536 * 4));
