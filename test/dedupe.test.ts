@@ -4,16 +4,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { dedupeKset, type KsetKey } from "../core/writeback/dedupe.ts";
-
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
+import { xorshift as rng } from "./helpers/rng.ts";
 
 /** n keys inside `span` bytes; key i's data is at seg_off i * 65536 of segment i. */
 function keys(seed: number, n: number, span: number): KsetKey[] {

@@ -8,18 +8,9 @@ import { AssertionError } from "../core/assert.ts";
 import { ReplayIndexBuilder } from "../core/engine/replay_index.ts";
 import { SUBTREE_SPAN } from "../core/format/constants.ts";
 import { createKeyIndexShared, INSERT_OK_SPARE_USED, KeyIndex } from "../core/index/key_index.ts";
+import { xorshift as rng } from "./helpers/rng.ts";
 
 const N_SUBTREES = 8;
-
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
 
 interface Key {
   off: number;
