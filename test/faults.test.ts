@@ -251,7 +251,7 @@ describe("cache device trouble at start (the binary)", () => {
     await sparseFile(blank, 100 * MiB);
     await expectRefused(["format", "--cache", blank, "--size", "100M"], blank, 1, /^pcache: --size 100M is below the 512 MiB minimum of a cache device$/);
     await expectRefused(["format", "--cache", blank], blank, 1, /^pcache: cache device .*small\.img has 104857600 bytes; a cache device needs at least 512 MiB/);
-    await expectRefused(serveArgs(blank, "small"), blank, 2, /^pcache: superblock at 0x1000: all zero: the device is not formatted$/);
+    await expectRefused(serveArgs(blank, "small"), blank, 2, /^pcache: superblock at 0x1000: all zero: the device is not formatted \(run pcache format\); at 104857600 bytes it is also below the 512 MiB minimum$/);
     const cut = join(dir, "cut.img");
     await formatCache(cut);
     await run(["truncate", "-s", "100M", cut]);

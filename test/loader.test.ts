@@ -35,7 +35,7 @@ function rewriteCacheInfo(dom: SimDomain, meta: ReturnType<typeof formatted>["me
 describe("loadCache: superblock", () => {
   test("a blank device is reported as not formatted", () => {
     const dom = new SimDomain(SIZE_512M, { seed: 1, track: false });
-    expectInvalid(dom, () => loadCache(dom), "superblock at 0x1000: all zero: the device is not formatted");
+    expectInvalid(dom, () => loadCache(dom), "superblock at 0x1000: all zero: the device is not formatted (run pcache format)");
   });
 
   test("bad magic", () => {

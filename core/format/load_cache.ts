@@ -12,6 +12,7 @@ import type { PersistDomain } from "../persist/domain.ts";
 import { hex32, hex64, hexOff, isAllZero } from "./bytes.ts";
 import { CACHE_MODE_NAMES, type CacheInfo, cacheInfoFlags } from "./cache_info.ts";
 import {
+  CACHE_DEV_SIZE_MIN,
   CACHE_MODE_WRITEBACK,
   CACHE_SEGS_MAX,
   GC_PERCENT_MAX,
@@ -96,7 +97,10 @@ function checkSuperblock(dom: PersistDomain): { flags: number; seg_num: number }
   const bytes = readSuperblockBytes(dom);
   const sb = decodeSuperblock(bytes);
   if (sb.magic !== SB_MAGIC) {
-    if (isAllZero(bytes)) fail(`${SB_AT}: all zero: the device is not formatted`);
+    if (isAllZero(bytes)) {
+      const small = dom.size_bytes < CACHE_DEV_SIZE_MIN ? `; at ${dom.size_bytes} bytes it is also below the 512 MiB minimum` : "";
+      fail(`${SB_AT}: all zero: the device is not formatted (run pcache format)${small}`);
+    }
     fail(`${SB_AT}: bad magic ${hex64(sb.magic)} (expected ${hex64(SB_MAGIC)}): not a pcache cache device`);
   }
   if (sb.crc_stored !== sb.crc_computed) {
