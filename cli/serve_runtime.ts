@@ -85,6 +85,7 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
       // A worker died holding a lock: closing ksets could wait forever. Writes acknowledged
       // before the last FLUSH are durable already; later ones are as after a crash.
       log.warn("a lock is still held by a failed worker: open ksets were not closed");
+      main.ctx.log.stopTimers();
       main.stopBackground();
     }
     await stopRole("writeback", BACKGROUND_STOP_TIMEOUT_MS, "writeback stopped");

@@ -231,7 +231,6 @@ export function blockDeviceSize(fd: number): number {
   return Number(out[0]);
 }
 
-/** Size in bytes of a regular file (st_size) or a block device (BLKGETSIZE64). */
 const PRIO_PROCESS = 0;
 
 /**
@@ -259,6 +258,7 @@ export function onMemoryFileSystem(fd: number): boolean {
   return f_type === TMPFS_MAGIC || f_type === RAMFS_MAGIC;
 }
 
+/** Size in bytes of a regular file (st_size) or a block device (BLKGETSIZE64). */
 export function fileSize(fd: number): number {
   const st = fstatFd(fd);
   if (st.kind === "file") return st.size_bytes;

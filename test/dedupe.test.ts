@@ -27,6 +27,7 @@ function byExtents(ks: KsetKey[], span: number): string[] {
   const owner = new Array<string>(span).fill("");
   const extents = dedupeKset(ks);
   let overlaps = 0;
+  expect(extents.every((e, i) => i === 0 || extents[i - 1].off < e.off)).toBe(true); // sorted by offset
   for (const e of extents) {
     expect(e.len).toBeGreaterThan(0);
     for (let b = e.off; b < e.off + e.len; b++) {
@@ -39,7 +40,7 @@ function byExtents(ks: KsetKey[], span: number): string[] {
 }
 
 describe("dedupeKset", () => {
-  test("overlapping keys: later keys win, byte for byte (30 seeds)", () => {
+  test("overlapping keys: later keys win, byte for byte, sorted by offset (30 seeds)", () => {
     for (let seed = 1; seed <= 30; seed++) {
       const ks = keys(seed, 128, 32 * 1024);
       expect(byExtents(ks, 32 * 1024).join("|")).toBe(byLogOrder(ks, 32 * 1024).join("|"));

@@ -37,11 +37,12 @@ runWorker(async (start, { log, post, fatal }) => {
   // Garbage from each request (socket chunks, promises, replies) is small, but much of it is
   // memory outside the JS heap that the collector does not weigh: at tens of thousands of
   // requests a second it piled up by hundreds of MiB between collections. A collection every
-  // second keeps resident memory near the README's bound; an idle worker skips it.
+  // second keeps resident memory near the README's bound; a worker that served nothing since the
+  // last one skips it.
   let served_at_last_gc = 0;
   const gc_timer = setInterval(() => {
-    const st = engine.ctx.s;
-    const served = st.statTotal(STAT_WRITE_COUNT) + st.statTotal(STAT_READ_HIT_COUNT) + st.statTotal(STAT_READ_MISS_COUNT);
+    const { s: st, slot } = engine.ctx;
+    const served = st.statOf(slot, STAT_WRITE_COUNT) + st.statOf(slot, STAT_READ_HIT_COUNT) + st.statOf(slot, STAT_READ_MISS_COUNT);
     if (served === served_at_last_gc) return;
     served_at_last_gc = served;
     Bun.gc(false);

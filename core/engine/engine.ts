@@ -212,10 +212,10 @@ export class Engine {
 
   /**
    * Tell writeback and GC to stop (CTL_STOPPING) and wake them so they see it now rather than
-   * after their idle wait. Without close() first, open ksets stay open (failure path only).
+   * after their idle wait. Without close() first, open ksets stay open (failure path only: the
+   * caller stops this thread's kset timers itself).
    */
   stopBackground(): void {
-    this.ctx.log.stopTimers();
     Atomics.store(this.ctx.s.ctl, CTL_STOPPING, 1);
     for (let w = 0; w < WAIT_WORDS; w++) this.ctx.s.signal(w);
   }

@@ -73,7 +73,7 @@ export function replay(ctx: EngineContext, meta: CacheMeta): ReplayResult {
         }
         // Linked once the walk is done (replay_index.ts). Generations do not move during replay,
         // and the walk already dropped every key whose generation moved on.
-        builder.add(idx.subtreeOf(k.off), node, k.off, k.len);
+        builder.add(node, k.off, k.len);
       }
       return true;
     },

@@ -23,7 +23,6 @@ interface Run {
 }
 
 export class ReplayIndexBuilder {
-  private subs: Int32Array;
   private nodes: Int32Array;
   /** Offsets and lengths kept beside the node ids: reading them back from the scattered nodes missed the cache. */
   private offs: Float64Array;
@@ -32,21 +31,14 @@ export class ReplayIndexBuilder {
 
   constructor(private readonly idx: KeyIndex) {
     const cap = Math.min(INITIAL_CAPACITY, Math.max(1, idx.nodes_max));
-    this.subs = new Int32Array(cap);
     this.nodes = new Int32Array(cap);
     this.offs = new Float64Array(cap);
     this.lens = new Uint32Array(cap);
   }
 
-  /** Keys collected so far. */
-  get count(): number {
-    return this.n;
-  }
-
-  /** A live key (private node with its fields set to off and len) for subtree `sub`, in log order. */
-  add(sub: number, node: number, off: number, len: number): void {
-    if (this.n === this.subs.length) this.grow();
-    this.subs[this.n] = sub;
+  /** A live key (private node with its fields set to off and len), in log order. */
+  add(node: number, off: number, len: number): void {
+    if (this.n === this.nodes.length) this.grow();
     this.nodes[this.n] = node;
     this.offs[this.n] = off;
     this.lens[this.n] = len;
@@ -58,7 +50,7 @@ export class ReplayIndexBuilder {
     const { idx, n } = this;
     // Counting sort by subtree; stable, so each subtree's keys stay in log order.
     const start = new Int32Array(idx.n_subtrees + 1);
-    for (let i = 0; i < n; i++) start[this.subs[i] + 1]++;
+    for (let i = 0; i < n; i++) start[idx.subtreeOf(this.offs[i]) + 1]++;
     let longest = 0;
     for (let s = 0; s < idx.n_subtrees; s++) {
       longest = Math.max(longest, start[s + 1]);
@@ -67,7 +59,7 @@ export class ReplayIndexBuilder {
     const order: Run = { nodes: new Int32Array(n), offs: new Float64Array(n), lens: new Uint32Array(n) };
     const cursor = start.slice(0, idx.n_subtrees);
     for (let i = 0; i < n; i++) {
-      const at = cursor[this.subs[i]]++;
+      const at = cursor[idx.subtreeOf(this.offs[i])]++;
       order.nodes[at] = this.nodes[i];
       order.offs[at] = this.offs[i];
       order.lens[at] = this.lens[i];
@@ -123,17 +115,14 @@ export class ReplayIndexBuilder {
   }
 
   private grow(): void {
-    const cap = Math.min(this.subs.length * 2, this.idx.nodes_max);
-    if (cap <= this.subs.length) throw new PcacheError(`replay: more live keys than index nodes (${this.idx.nodes_max})`);
-    const subs = new Int32Array(cap);
+    const cap = Math.min(this.nodes.length * 2, this.idx.nodes_max);
+    if (cap <= this.nodes.length) throw new PcacheError(`replay: more live keys than index nodes (${this.idx.nodes_max})`);
     const nodes = new Int32Array(cap);
     const offs = new Float64Array(cap);
     const lens = new Uint32Array(cap);
-    subs.set(this.subs);
     nodes.set(this.nodes);
     offs.set(this.offs);
     lens.set(this.lens);
-    this.subs = subs;
     this.nodes = nodes;
     this.offs = offs;
     this.lens = lens;

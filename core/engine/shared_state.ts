@@ -172,6 +172,11 @@ export class SharedState {
     this.stats[slot * STAT_WORDS + stat] += amount;
   }
 
+  /** One slot's (one thread's) value of a statistic. */
+  statOf(slot: number, stat: number): number {
+    return this.stats[slot * STAT_WORDS + stat];
+  }
+
   /** Sum of one statistic over every slot (racy read, fine for reporting). */
   statTotal(stat: number): number {
     let total = 0;

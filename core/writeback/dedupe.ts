@@ -22,12 +22,13 @@ export interface Extent {
   seg_gen: number;
 }
 
+/** The extents, sorted by offset. */
 export function dedupeKset(keys: readonly KsetKey[]): Extent[] {
   const by_off = [...keys].sort((a, b) => a.off - b.off);
   let overlap = false;
   for (let i = 1; i < by_off.length && !overlap; i++) overlap = by_off[i - 1].off + by_off[i - 1].len > by_off[i].off;
   if (!overlap) return by_off.map(extentOf);
-  return cutOverlaps(keys);
+  return cutOverlaps(keys).sort((a, b) => a.off - b.off);
 }
 
 function extentOf(k: KsetKey): Extent {

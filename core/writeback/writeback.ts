@@ -125,8 +125,8 @@ export class Writeback {
   private async writeExtents(kset: DecodedKset & { kind: "normal" }): Promise<number> {
     const bad = kset.keys.find((k) => k.crc_ok === false);
     if (bad !== undefined) throw new Error(`data CRC mismatch in dirty key off=${bad.off} len=${bad.len} (segment ${bad.cache_seg_id})`);
+    // Sorted by offset, so the writes in flight go out in backing order.
     const extents = dedupeKset(kset.keys).filter((e) => (e.flags & KEY_F_CLEAN) === 0);
-    extents.sort((a, b) => a.off - b.off);
     let bytes = 0;
     let next = 0;
     const worker = async () => {

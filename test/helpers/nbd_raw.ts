@@ -10,130 +10,70 @@ import * as W from "../../core/nbd/wire.ts";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { ByteStream, type NbdTarget } from "./byte_stream.ts";
 
-export type Target = { unix: string } | { hostname: string; port: number };
+export type Target = NbdTarget;
 
+/** Exact bytes out and in, with the defaults the protocol tests use, over a ByteStream. */
 export class RawClient {
-  private buf = new Uint8Array(0);
-  private waiters: Array<() => void> = [];
-  private out: Uint8Array[] = [];
-  is_closed = false;
-  private sock!: { write(b: Uint8Array): number; end(): void; terminate(): void };
+  private constructor(private readonly s: ByteStream) {}
 
   static async connect(target: Target): Promise<RawClient> {
-    const c = new RawClient();
-    const handlers = {
-      data: (_s: unknown, d: Uint8Array) => c.onData(d),
-      close: () => c.onClose(),
-      drain: () => c.flush(),
-      error: () => {},
-      connectError: () => c.onClose(),
-    };
-    c.sock = (await Bun.connect({ ...(target as { unix: string }), socket: handlers })) as unknown as typeof c.sock;
-    return c;
+    return new RawClient(await ByteStream.connect(target));
   }
 
-  private onData(d: Uint8Array): void {
-    const n = new Uint8Array(this.buf.length + d.length);
-    n.set(this.buf);
-    n.set(d, this.buf.length);
-    this.buf = n;
-    this.wake();
-  }
-
-  private onClose(): void {
-    this.is_closed = true;
-    this.wake();
-  }
-
-  private wake(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
-  }
-
-  private flush(): void {
-    while (this.out.length > 0 && !this.is_closed) {
-      const head = this.out[0]!;
-      const n = Math.max(0, this.sock.write(head));
-      if (n < head.length) {
-        this.out[0] = head.subarray(n);
-        return;
-      }
-      this.out.shift();
-    }
+  get is_closed(): boolean {
+    return this.s.is_closed;
   }
 
   send(bytes: Uint8Array | ArrayLike<number>): void {
-    const b = bytes instanceof Uint8Array ? bytes : Uint8Array.from(bytes as ArrayLike<number>);
-    this.out.push(b);
-    if (this.out.length === 1) this.flush();
+    this.s.send(bytes instanceof Uint8Array ? bytes : Uint8Array.from(bytes as ArrayLike<number>));
   }
 
   /** Bytes received and not yet read. */
   get buffered(): number {
-    return this.buf.length;
+    return this.s.buffered;
   }
 
   /** Resolves when everything queued by send() has been handed to the kernel. */
   async sent(timeout_ms = 5000): Promise<void> {
-    const t0 = Date.now();
-    while (this.out.length > 0) {
-      if (this.is_closed) throw new Error("closed before all bytes were sent");
-      if (Date.now() - t0 > timeout_ms) throw new Error("timed out sending");
-      await Bun.sleep(2);
-    }
-  }
-
-  private waitChange(timeout_ms: number): Promise<boolean> {
-    return new Promise((resolve) => {
-      const t = setTimeout(() => resolve(false), timeout_ms);
-      this.waiters.push(() => {
-        clearTimeout(t);
-        resolve(true);
-      });
-    });
+    if (await this.s.sent(timeout_ms)) return;
+    throw new Error(this.s.is_closed ? "closed before all bytes were sent" : "timed out sending");
   }
 
   /** Exactly n bytes; throws on timeout or if the connection closes first. */
-  async read(n: number, timeout_ms = 3000): Promise<Uint8Array> {
-    const deadline = Date.now() + timeout_ms;
-    while (this.buf.length < n) {
-      if (this.is_closed) throw new Error(`connection closed after ${this.buf.length} of ${n} bytes`);
-      const left = deadline - Date.now();
-      if (left <= 0 || !(await this.waitChange(left))) {
-        throw new Error(`timed out waiting for ${n} bytes (have ${this.buf.length})`);
-      }
-    }
-    const out = this.buf.slice(0, n);
-    this.buf = this.buf.slice(n);
-    return out;
+  read(n: number, timeout_ms = 3000): Promise<Uint8Array> {
+    return this.s.read(n, timeout_ms);
   }
 
-  /** True if the server closed the connection within the timeout (unread bytes are discarded). */
-  async waitClosed(timeout_ms = 3000): Promise<boolean> {
-    const deadline = Date.now() + timeout_ms;
-    while (!this.is_closed) {
-      const left = deadline - Date.now();
-      if (left <= 0 || !(await this.waitChange(left))) return this.is_closed;
-    }
-    return true;
+  /** True if the server closed the connection within the timeout. */
+  waitClosed(timeout_ms = 3000): Promise<boolean> {
+    return this.s.waitClosed(timeout_ms);
   }
 
   /** Nothing more arrives within `ms` and the connection stays open. */
   async expectQuiet(ms = 100): Promise<boolean> {
-    const before = this.buf.length;
+    const before = this.s.buffered;
     await Bun.sleep(ms);
-    return this.buf.length === before && !this.is_closed;
+    return this.s.buffered === before && !this.s.is_closed;
+  }
+
+  /** Stop reading from the socket: replies back up in the kernel and then in the server. */
+  pause(): void {
+    this.s.pause();
+  }
+
+  resume(): void {
+    this.s.resume();
   }
 
   close(): void {
-    if (!this.is_closed) this.sock.end();
+    this.s.end();
   }
 
   /** Drops the connection at once (RST), as a crashing client would. */
   kill(): void {
-    if (!this.is_closed) this.sock.terminate();
+    this.s.terminate();
   }
 }
 
