@@ -62,6 +62,70 @@ describe("RecvBuffer", () => {
   });
 });
 
+describe("RecvBuffer with release_chunks", () => {
+  const chunk = (n: number, v: number) => new Uint8Array(n).fill(v);
+  const detached = (b: Uint8Array) => (b.buffer as ArrayBuffer).detached;
+
+  test("takeParts: one view inside a chunk, views in order across chunks, nothing copied", () => {
+    const r = new RecvBuffer({ release_chunks: true });
+    const [a, b, c] = [chunk(10, 1), chunk(10, 2), chunk(10, 3)];
+    r.push(a);
+    r.push(b);
+    r.push(c);
+    const one = r.takeParts(4) as Uint8Array;
+    expect(one.buffer).toBe(a.buffer);
+    expect([...one]).toEqual([1, 1, 1, 1]);
+    const parts = r.takeParts(20) as Uint8Array[];
+    expect(parts.map((p) => [p.buffer === a.buffer ? "a" : p.buffer === b.buffer ? "b" : "c", p.length])).toEqual([["a", 6], ["b", 10], ["c", 4]]);
+    expect(r.length).toBe(6);
+    expect((r.takeParts(0) as Uint8Array).length).toBe(0);
+  });
+
+  test("a chunk is detached only when it is consumed and every part of it is given back", () => {
+    const r = new RecvBuffer({ release_chunks: true });
+    const [a, b] = [chunk(8, 1), chunk(8, 2)];
+    r.push(a);
+    r.push(b);
+    const p1 = r.takeParts(6); // a: 2 bytes left unread
+    const p2 = r.takeParts(6); // rest of a, and 4 bytes of b
+    expect(detached(a)).toBe(false); // parts still out
+    r.releaseParts(p1);
+    expect(detached(a)).toBe(false); // p2 still holds a
+    r.releaseParts(p2);
+    expect(detached(a)).toBe(true);
+    expect(detached(b)).toBe(false); // 4 unread bytes
+    expect(r.skip(4)).toBe(4);
+    expect(detached(b)).toBe(true);
+  });
+
+  test("take() copies (handshake data outlives its chunk); clear() releases unread chunks", () => {
+    const r = new RecvBuffer({ release_chunks: true });
+    const a = chunk(4, 9);
+    r.push(a);
+    const t = r.take(4);
+    expect(detached(a)).toBe(true);
+    expect([...t]).toEqual([9, 9, 9, 9]);
+    const b = chunk(4, 5);
+    r.push(b);
+    const part = r.takeParts(2);
+    r.clear();
+    expect(detached(b)).toBe(false); // the part is still out
+    expect([...(part as Uint8Array)]).toEqual([5, 5]);
+    r.releaseParts(part);
+    expect(detached(b)).toBe(true);
+  });
+
+  test("a chunk that is a view of a larger buffer is never detached", () => {
+    const r = new RecvBuffer({ release_chunks: true });
+    const whole = chunk(16, 7);
+    r.push(whole.subarray(0, 8));
+    r.push(whole.subarray(8));
+    r.releaseParts(r.takeParts(16));
+    expect(detached(whole)).toBe(false);
+    expect(whole[15]).toBe(7);
+  });
+});
+
 describe("BufferPool", () => {
   test("small requests are plain allocations; large ones are reused after release", () => {
     const pool = new BufferPool(4 * 65536);

@@ -10,6 +10,7 @@ import { PcacheError } from "../errors.ts";
 import { SEG_DATA_SIZE } from "../format/constants.ts";
 import { type CacheMeta, loadCache } from "../format/load_cache.ts";
 import type { BackingDevice } from "../device/backing.ts";
+import { type WriteData, writeDataLength } from "../nbd/export.ts";
 import { createKeyIndexShared, KeyIndex, type KeyIndexShared, subtreesForBacking } from "../index/key_index.ts";
 import { KsetLog } from "../log/kset_log.ts";
 import { setGcPercent } from "../gc/gc_percent.ts";
@@ -156,8 +157,8 @@ export class Engine {
     await readPath(this.ctx, off, dst.subarray(0, len));
   }
 
-  async write(off: number, data: Uint8Array, fua: boolean): Promise<void> {
-    this.check(off, data.length, 28);
+  async write(off: number, data: WriteData, fua: boolean): Promise<void> {
+    this.check(off, writeDataLength(data), 28);
     await writePath(this.ctx, off, data, fua);
   }
 

@@ -2,7 +2,7 @@
  * The engine behind the NBD server's export interface. The NBD layer has already validated
  * ranges and flags; the engine checks again (both sides of the boundary).
  */
-import type { NbdExport } from "../nbd/export.ts";
+import type { NbdExport, WriteData } from "../nbd/export.ts";
 import type { Engine } from "./engine.ts";
 
 export class EngineExport implements NbdExport {
@@ -19,7 +19,7 @@ export class EngineExport implements NbdExport {
     return this.engine.read(off, len, dst);
   }
 
-  write(off: number, data: Uint8Array, fua: boolean): Promise<void> {
+  write(off: number, data: WriteData, fua: boolean): Promise<void> {
     return this.engine.write(off, data, fua);
   }
 

@@ -1,12 +1,12 @@
 /**
- * Reuses large buffers (READ replies, gathered WRITE payloads). A fresh 1 MiB Uint8Array is
+ * Reuses large buffers (READ replies). A fresh 1 MiB Uint8Array is
  * page-faulted and zeroed on first touch: copying into it ran at about 5 GiB/s against
  * 18 GiB/s for a reused one (measured on this box), and it was the top cost of 1 MiB
  * reads and writes in a CPU profile of the server.
  *
  * A pooled buffer is not cleared between uses, so each pool must only ever hold one kind of
- * data: the server keeps one pool for READ replies (bytes the export already shows every
- * client) and one for WRITE payloads (always fully overwritten before use).
+ * data: the server's pool holds READ replies only (bytes the export already shows every
+ * client). WRITE payloads are not gathered: the export copies them from the receive chunks.
  */
 export class BufferPool {
   /** Free buffers by size class. */

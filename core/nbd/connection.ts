@@ -13,6 +13,7 @@
  */
 import { BufferPool } from "./buffer_pool.ts";
 import { Handshake, type ExportConfig, type HandshakeLimits } from "./handshake.ts";
+import type { WriteData } from "./export.ts";
 import { describeError, type NbdLogger } from "./logger.ts";
 import { RecvBuffer } from "./recv_buffer.ts";
 import {
@@ -80,8 +81,6 @@ export interface ConnectionOptions {
   label: string;
   /** Shared by the connections of one server: READ reply buffers. */
   read_pool: BufferPool;
-  /** Shared by the connections of one server: WRITE payloads that span receive chunks. */
-  write_pool: BufferPool;
 }
 
 export class NbdConnection {
@@ -91,7 +90,8 @@ export class NbdConnection {
   private resolve_closed!: () => void;
 
   private phase = Phase.CLIENT_FLAGS;
-  private readonly recv = new RecvBuffer();
+  /** Chunks come from Bun's socket only, so they are released as soon as they are spent. */
+  private readonly recv = new RecvBuffer({ release_chunks: true });
   private readonly handshake: Handshake;
   private session: (Session & { shutting_down: boolean }) | null = null;
   private shutting_down = false;
@@ -122,7 +122,6 @@ export class NbdConnection {
   private is_closed = false;
   private pumping = false;
   private readonly hdr = W.newRequestHeader();
-  private readonly alloc_payload = (n: number) => this.opts.write_pool.acquire(n);
 
   constructor(
     private readonly socket: NbdSocket,
@@ -288,7 +287,8 @@ export class NbdConnection {
         case Phase.WRITE_PAYLOAD: {
           const req = this.pending!;
           if (recv.length < req.length) return;
-          const payload = recv.take(req.length, this.alloc_payload);
+          // Not gathered: the export copies the parts straight to where the data goes.
+          const payload = recv.takeParts(req.length);
           this.pending = null;
           this.phase = Phase.REQUEST_HEADER;
           this.dispatch(req, payload);
@@ -365,7 +365,7 @@ export class NbdConnection {
     return true;
   }
 
-  private dispatch(req: Request, payload: Uint8Array | null): void {
+  private dispatch(req: Request, payload: WriteData | null): void {
     const s = this.session!;
     const cost = req.type === W.CMD_READ || req.type === W.CMD_WRITE ? req.length : 0;
     this.inflight++;
@@ -377,9 +377,9 @@ export class NbdConnection {
   }
 
   /** A dispatched request finished. Never throws: the promise chain above has no catch. */
-  private completed(cost: number, payload: Uint8Array | null, reply: Uint8Array | null, error: unknown): void {
-    // The export is done with the payload (it copies what it keeps), so the buffer may be reused.
-    if (payload) this.opts.write_pool.release(payload);
+  private completed(cost: number, payload: WriteData | null, reply: Uint8Array | null, error: unknown): void {
+    // The export is done with the payload (it copies what it keeps): its chunks may go.
+    if (payload !== null) this.recv.releaseParts(payload);
     this.inflight--;
     this.inflight_bytes -= cost;
     try {

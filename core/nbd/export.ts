@@ -14,8 +14,12 @@ export interface NbdExport {
   readonly read_only: boolean;
   /** Fills `dst` (exactly `len` bytes) with the contents at `off`. */
   read(off: number, len: number, dst: Uint8Array): Promise<void>;
-  /** `data` may be a view into a receive buffer: copy what must outlive the promise. */
-  write(off: number, data: Uint8Array, fua: boolean): Promise<void>;
+  /**
+   * `data` is the payload: one buffer, or the receive chunks it arrived in, in order (a large
+   * WRITE is not gathered into one buffer first). Views into receive chunks: copy what must
+   * outlive the promise.
+   */
+  write(off: number, data: WriteData, fua: boolean): Promise<void>;
   /** Every write completed (replied to) before this call, on ANY connection, becomes durable. */
   flush(): Promise<void>;
   /** A hint: discard all, part or none of the range. */
@@ -30,6 +34,17 @@ export interface NbdExport {
    * more (the NBD layer clips).
    */
   blockStatus(off: number, len: number): Promise<Array<{ length: number; flags: number }>>;
+}
+
+/** A WRITE payload: one buffer, or consecutive parts of it. */
+export type WriteData = Uint8Array | readonly Uint8Array[];
+
+/** Bytes in a WRITE payload. */
+export function writeDataLength(data: WriteData): number {
+  if (data instanceof Uint8Array) return data.length;
+  let n = 0;
+  for (const part of data) n += part.length;
+  return n;
 }
 
 /** Errno values an export may throw (Linux numbering). */

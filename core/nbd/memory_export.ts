@@ -4,7 +4,7 @@
  * force out-of-order replies), hold them at a gate, and inject errors.
  */
 import { assert } from "../assert.ts";
-import { ERRNO, NbdExportError, type NbdExport } from "./export.ts";
+import { ERRNO, NbdExportError, type NbdExport, type WriteData, writeDataLength } from "./export.ts";
 import { STATE_HOLE, STATE_ZERO } from "./wire.ts";
 
 export type MemoryOp = "read" | "write" | "flush" | "trim" | "zero" | "cache" | "block_status";
@@ -61,12 +61,16 @@ export class MemoryExport implements NbdExport {
     }
   }
 
-  async write(off: number, data: Uint8Array, fua: boolean): Promise<void> {
-    await this.enter("write", off, data.length);
+  async write(off: number, data: WriteData, fua: boolean): Promise<void> {
+    await this.enter("write", off, writeDataLength(data));
     try {
       this.stats.write++;
       if (fua) this.stats.fua++;
-      this.copyIn(off, data);
+      let at = off;
+      for (const part of data instanceof Uint8Array ? [data] : data) {
+        this.copyIn(at, part);
+        at += part.length;
+      }
     } finally {
       this.leave();
     }

@@ -162,7 +162,6 @@ export class NbdServer {
   private stopping: Promise<void> | null = null;
   /** Separate pools so a reused buffer only ever held the same kind of data (see buffer_pool.ts). */
   private readonly read_pool = new BufferPool();
-  private readonly write_pool = new BufferPool();
 
   constructor(opts: NbdServerOptions) {
     const name = opts.export_name ?? "";
@@ -328,7 +327,6 @@ export class NbdServer {
       log: this.log,
       label: `conn#${id}${peer}`,
       read_pool: this.read_pool,
-      write_pool: this.write_pool,
     });
     s.data = conn;
     this.connections.add(conn);

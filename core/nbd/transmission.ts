@@ -13,7 +13,7 @@
  */
 import { assert } from "../assert.ts";
 import type { BufferPool } from "./buffer_pool.ts";
-import type { NbdExport } from "./export.ts";
+import { type NbdExport, type WriteData, writeDataLength } from "./export.ts";
 import { describeError, type NbdLogger } from "./logger.ts";
 import * as W from "./wire.ts";
 
@@ -192,12 +192,12 @@ export const BLOCK_STATUS_EXTENTS_MAX = 65536;
  * Runs a validated request and returns its reply. Never rejects: every failure becomes an
  * error reply. `payload` is the WRITE data (exactly req.length bytes).
  */
-export async function execute(req: Request, payload: Uint8Array | null, s: Session): Promise<Uint8Array> {
+export async function execute(req: Request, payload: WriteData | null, s: Session): Promise<Uint8Array> {
   const ex = s.export;
   // The other side of validateRequest's boundary. A failure here is our bug: it rejects, and
   // the connection logs it and closes (the export is never called with a bad range).
   assert(Number.isSafeInteger(req.offset) && req.offset + req.length <= ex.size_bytes, "request range validated");
-  assert(req.type !== W.CMD_WRITE || (payload !== null && payload.length === req.length), "WRITE payload is complete");
+  assert(req.type !== W.CMD_WRITE || (payload !== null && writeDataLength(payload) === req.length), "WRITE payload is complete");
   const fua = (req.flags & W.CMD_FLAG_FUA) !== 0;
   try {
     switch (req.type) {

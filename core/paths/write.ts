@@ -15,6 +15,8 @@ import { zeroRange } from "../persist/zero.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import type { EngineContext } from "../engine/context.ts";
 import type { DataAlloc } from "../engine/segments.ts";
+import type { WriteData } from "../nbd/export.ts";
+import { PayloadCursor } from "./payload.ts";
 import {
   CTL_ZERO_SEG,
   LOCK_SEG_TABLE,
@@ -36,24 +38,21 @@ export function spanLeft(off: number): number {
   return SUBTREE_SPAN - (off % SUBTREE_SPAN);
 }
 
-export async function writePath(ctx: EngineContext, off: number, data: Uint8Array, fua: boolean): Promise<void> {
-  const len = data.length;
+export async function writePath(ctx: EngineContext, off: number, data: WriteData, fua: boolean): Promise<void> {
+  const payload = new PayloadCursor(data);
+  const len = payload.length;
   if (len === 0) return;
   const pieces: Piece[] = [];
   const dom = ctx.media.dom;
   try {
-    let done = 0;
-    while (done < len) {
-      const piece_off = off + done;
-      const want = Math.min(len - done, spanLeft(piece_off));
-      const a = await ctx.waitForSpace("cache segment", () => ctx.segs.allocData(ctx.slot, want));
-      const src = data.subarray(done, done + a.len);
+    while (payload.consumed < len) {
+      const piece_off = off + payload.consumed;
+      const want = Math.min(len - payload.consumed, spanLeft(piece_off));
+      const a = ctx.segs.allocData(ctx.slot, want) ?? (await ctx.waitForSpace("cache segment", () => ctx.segs.allocData(ctx.slot, want)));
       const at = ctx.media.dataOff(a.cache_seg_id, a.seg_off);
-      dom.write(at, src);
+      const data_crc = payload.copyTo(dom, at, a.len, ctx.media.data_crc);
       dom.flush(at, a.len);
-      const data_crc = ctx.media.data_crc ? crc32c(src) : 0;
       pieces.push({ ...a, off: piece_off, flags: 0, data_crc });
-      done += a.len;
     }
     // The data is durable before any key can name it.
     dom.fence();

@@ -6,7 +6,8 @@
  * 16 MiB segment, made on first use and cached. A partial segment at the end of the device
  * (beyond seg_num) is not addressable: touching it is a bug, like crossing a segment boundary.
  *
- * msync domain: the device is a page-cache file or block device. write is a plain copy; flush
+ * msync domain: the device is a page-cache file or block device. write is a copy (non-temporal
+ * stores from 4 KiB, which bypass the CPU cache; the page is dirtied all the same); flush
  * runs msync(MS_SYNC) on the covering pages right away (so fence has nothing left to do).
  * msync is a real barrier there and costs what an fdatasync does (about 117 µs per call on an
  * idle ext4/virtio disk, milliseconds on a busy one); on tmpfs it is nearly free.
@@ -16,6 +17,7 @@ import { assert, AssertionError } from "../assert.ts";
 import { PcacheError } from "../errors.ts";
 import { SEG_SIZE, SEGMENTS_OFF, segNumForSize } from "../format/constants.ts";
 import { msyncRange, unmap } from "../../ffi/libc.ts";
+import { native } from "../../ffi/native.ts";
 import type { PersistDomain, PersistDomainName } from "./domain.ts";
 
 export interface MappedDomainOptions {
@@ -128,6 +130,9 @@ export abstract class MappedDomain implements PersistDomain {
   }
 }
 
+/** From this size on, msync-domain writes use non-temporal stores (when the native helpers loaded). */
+const NT_COPY_MIN_BYTES = 4096;
+
 export class MsyncDomain extends MappedDomain {
   readonly name = "msync" as const;
   /** On tmpfs the mapped pages are the file: msync would be a syscall that does nothing. */
@@ -140,6 +145,15 @@ export class MsyncDomain extends MappedDomain {
 
   write(dev_off: number, src: Uint8Array): void {
     this.checkWritable();
+    if (src.length >= NT_COPY_MIN_BYTES && native.available) {
+      // Streaming stores skip reading the destination lines first: about twice the speed of a
+      // plain copy into the mapping (measured on tmpfs: 4 KiB 0.4 µs against 0.8 µs, 1 MiB
+      // 17 GiB/s against 4–8 GiB/s). The fence makes them visible in order to other threads.
+      this.locate(dev_off, src.length);
+      native.memcpyNt(this.base + dev_off, src, src.length);
+      native.sfence();
+      return;
+    }
     this.view(dev_off, src.length).set(src);
   }
 
