@@ -65,7 +65,7 @@ describe("key index: geometry and memory", () => {
       for (const v of Object.values(sh)) if (v instanceof SharedArrayBuffer) total += v.byteLength;
       expect(total).toBe(keyIndexBytes(ns, nm));
     }
-    expect(NODE_BYTES).toBe(60);
+    expect(NODE_BYTES).toBe(68);
   });
 
   test("the shared object survives structured clone (postMessage)", () => {
@@ -235,7 +235,7 @@ describe("key index: overlap fixup, one row at a time", () => {
     expect(idx.nodesFree()).toBe(16);
   });
 
-  test("stale keys on the search path are purged by insert; purgeStale respects its budget", () => {
+  test("a stale key that insert meets is purged; purgeStale respects its budget", () => {
     const idx = makeIndex(1, 64);
     const gens = new Float64Array(4);
     const isStale = (id: number): boolean => idx.seg_gen[id] < gens[idx.cache_seg_id[id]];

@@ -15,18 +15,20 @@
  *
  * The trees are treaps: a binary search tree on `off` that is also a max-heap on a random
  * priority drawn (seeded xorshift) when a node is allocated, which keeps the expected depth
- * O(log n) whatever the insert order. Links live in one Int32Array: node id's left child is
- * links[2*id], its right child links[2*id+1], and subtree s's root is links[2*nodes_max + s]. A
+ * O(log n) whatever the insert order. Links live in one Int32Array with a 16-byte record per
+ * node: its end (off + len, a float64 in words 0-1, kept equal to off + len whenever a linked key
+ * changes), its left child links[4*id+2] and its right child links[4*id+3]; subtree s's root is
+ * links[4*nodes_max + s]. A search reads only these records, one cache line per level. A
  * "slot" (an index into links) therefore names any place a node can hang from, which lets insert
  * and delete run without recursion and without parent pointers. A search remembers the slot of
- * the node it found, so deleting that node (a stale key on the path, a key K covers) or putting K
+ * the node it found, so deleting that node (a stale result, a key K covers) or putting K
  * in its place (K replaces T exactly, the common overwrite) needs no second search.
  *
- * Memory (see keyIndexBytes): NODE_BYTES = 60 bytes per node
+ * Memory (see keyIndexBytes): NODE_BYTES = 68 bytes per node
  *   off 8 + seg_gen 8 + len 4 + cache_seg_id 4 + seg_off 4 + flags 4 + data_crc 4
- *   + crc_seg_off 4 + crc_len 4 + ver 4 + prio 4 + two links 8,
+ *   + crc_seg_off 4 + crc_len 4 + ver 4 + prio 4 + the record (end 8 + two links 8),
  * plus SUBTREE_BYTES = 12 per subtree (lock word, key count, root link) and a 128-byte header.
- * A 1 TiB backing device (262,144 subtrees) with 4 M nodes takes 3 MiB + 240 MiB.
+ * A 1 TiB backing device (262,144 subtrees) with 4 M nodes takes 3 MiB + 272 MiB.
  *
  * Concurrency contract:
  * * Every tree operation (ceiling, first, next, insert, remove, removeRange, purgeStale, count,
@@ -79,11 +81,11 @@ export type InsertResult = typeof INSERT_OK | typeof INSERT_OK_SPARE_USED | type
 export type IsStale = (id: number) => boolean;
 
 /** Bytes per pool node (see the file comment for the breakdown). */
-export const NODE_BYTES = 60;
+export const NODE_BYTES = 68;
 /** Bytes per subtree: lock word, key count, root link. */
 export const SUBTREE_BYTES = 12;
-/** Largest pool: node ids and links are Int32, and 2*nodes_max + n_subtrees must fit. */
-export const NODES_MAX_LIMIT = 1 << 28;
+/** Largest pool: the links buffer (16 bytes per node) must stay under Bun's 4 GiB per view. */
+export const NODES_MAX_LIMIT = 1 << 26;
 /** Largest number of subtrees (a 2^52-byte backing device). */
 export const SUBTREES_MAX_LIMIT = 1 << 30;
 
@@ -104,6 +106,9 @@ const HDR_BYTES = HDR_WORDS * 4;
 const SUB_WORDS = 2;
 const SUB_LOCK = 0;
 const SUB_COUNT = 1;
+
+/** Int32 words per node in `links`: its end (a float64 in words 0-1), then left and right links. */
+const NODE_WORDS = 4;
 
 /** Right link of a node that is on the free list; catches double frees and inserting freed nodes. */
 const FREE_MARK = -2;
@@ -156,7 +161,7 @@ export function createKeyIndexShared(n_subtrees: number, nodes_max: number, seed
     nodes_max,
     hdr: new SharedArrayBuffer(HDR_BYTES),
     sub: new SharedArrayBuffer(n_subtrees * SUB_WORDS * 4),
-    links: new SharedArrayBuffer((2 * n + n_subtrees) * 4),
+    links: new SharedArrayBuffer((NODE_WORDS * n + n_subtrees) * 4),
     off: new SharedArrayBuffer(n * 8),
     seg_gen: new SharedArrayBuffer(n * 8),
     len: new SharedArrayBuffer(n * 4),
@@ -172,10 +177,10 @@ export function createKeyIndexShared(n_subtrees: number, nodes_max: number, seed
   const links = new Int32Array(shared.links);
   // Free list threaded through the left links, lowest ids first (they are handed out first).
   for (let id = 0; id < n; id++) {
-    links[2 * id] = id + 1 < n ? id + 1 : NIL;
-    links[2 * id + 1] = FREE_MARK;
+    links[4 * id + 2] = id + 1 < n ? id + 1 : NIL;
+    links[4 * id + 3] = FREE_MARK;
   }
-  links.fill(NIL, 2 * n);
+  links.fill(NIL, NODE_WORDS * n);
   const hdr = new Int32Array(shared.hdr);
   hdr[HDR_FREE_HEAD] = 0;
   hdr[HDR_FREE_COUNT] = n;
@@ -228,6 +233,8 @@ export class KeyIndex {
   private readonly hdr: Int32Array;
   private readonly sub: Int32Array;
   private readonly links: Int32Array;
+  /** off + len of node id at ends[2 * id], in the same 16 bytes as its links (see the file comment). */
+  private readonly ends: Float64Array;
   private readonly prio: Uint32Array;
   private readonly root_base: number;
   private readonly debug: boolean;
@@ -241,6 +248,7 @@ export class KeyIndex {
     this.hdr = new Int32Array(shared.hdr);
     this.sub = new Int32Array(shared.sub);
     this.links = new Int32Array(shared.links);
+    this.ends = new Float64Array(shared.links, 0, 2 * shared.nodes_max);
     this.off = new Float64Array(shared.off);
     this.seg_gen = new Float64Array(shared.seg_gen);
     this.len = new Uint32Array(shared.len);
@@ -252,11 +260,11 @@ export class KeyIndex {
     this.crc_len = new Uint32Array(shared.crc_len);
     this.ver = new Uint32Array(shared.ver);
     this.prio = new Uint32Array(shared.prio);
-    if (this.links.length !== 2 * this.nodes_max + this.n_subtrees) broken("links buffer size");
+    if (this.links.length !== NODE_WORDS * this.nodes_max + this.n_subtrees) broken("links buffer size");
     if (this.sub.length !== this.n_subtrees * SUB_WORDS) broken("subtree buffer size");
     this.subtree_locks = this.sub;
     this.pool_wait_words = this.hdr;
-    this.root_base = 2 * this.nodes_max;
+    this.root_base = NODE_WORDS * this.nodes_max;
     this.debug = options.debug ?? false;
     // Each view draws priorities from its own stream: the shared seed mixed with an instance
     // number, so two threads never hand out correlated priorities.
@@ -319,11 +327,11 @@ export class KeyIndex {
       unlock(hdr, HDR_POOL_LOCK);
       return NIL;
     }
-    hdr[HDR_FREE_HEAD] = links[2 * id];
+    hdr[HDR_FREE_HEAD] = links[4 * id + 2];
     Atomics.store(hdr, HDR_FREE_COUNT, hdr[HDR_FREE_COUNT] - 1);
     unlock(hdr, HDR_POOL_LOCK);
-    links[2 * id] = NIL;
-    links[2 * id + 1] = NIL;
+    links[4 * id + 2] = NIL;
+    links[4 * id + 3] = NIL;
     this.flags[id] = 0;
     this.len[id] = 0;
     this.prio[id] = this.nextPriority();
@@ -337,14 +345,14 @@ export class KeyIndex {
   freeNode(id: number): void {
     if (id < 0 || id >= this.nodes_max) broken(`freeNode: bad node id ${id}`);
     const links = this.links;
-    if (links[2 * id + 1] === FREE_MARK) broken(`freeNode: node ${id} is already free`);
+    if (links[4 * id + 3] === FREE_MARK) broken(`freeNode: node ${id} is already free`);
     this.ver[id] = (this.ver[id] + 1) >>> 0;
     this.flags[id] = 0;
     this.len[id] = 0;
-    links[2 * id + 1] = FREE_MARK;
+    links[4 * id + 3] = FREE_MARK;
     const hdr = this.hdr;
     lock(hdr, HDR_POOL_LOCK);
-    links[2 * id] = hdr[HDR_FREE_HEAD];
+    links[4 * id + 2] = hdr[HDR_FREE_HEAD];
     hdr[HDR_FREE_HEAD] = id;
     Atomics.store(hdr, HDR_FREE_COUNT, hdr[HDR_FREE_COUNT] + 1);
     unlock(hdr, HDR_POOL_LOCK);
@@ -390,7 +398,7 @@ export class KeyIndex {
 
   /** Whether node id is on the free list (for assertions and tests). */
   isFree(id: number): boolean {
-    return this.links[2 * id + 1] === FREE_MARK;
+    return this.links[4 * id + 3] === FREE_MARK;
   }
 
   /**
@@ -404,10 +412,10 @@ export class KeyIndex {
     lock(hdr, HDR_POOL_LOCK);
     try {
       let n = 0;
-      for (let id = hdr[HDR_FREE_HEAD]; id !== NIL; id = links[2 * id]) {
+      for (let id = hdr[HDR_FREE_HEAD]; id !== NIL; id = links[4 * id + 2]) {
         if (id < 0 || id >= this.nodes_max) broken(`free list: bad id ${id}`);
         if (seen[id] !== 0) broken(`free list: node ${id} listed twice`);
-        if (links[2 * id + 1] !== FREE_MARK) broken(`free list: node ${id} not marked free`);
+        if (links[4 * id + 3] !== FREE_MARK) broken(`free list: node ${id} not marked free`);
         seen[id] = 1;
         n++;
       }
@@ -433,6 +441,7 @@ export class KeyIndex {
   setKey(id: number, off: number, len: number, cache_seg_id: number, seg_off: number, seg_gen: number, flags: number): void {
     this.off[id] = off;
     this.len[id] = len;
+    this.ends[2 * id] = off + len; // setKey may rewrite a linked placeholder
     this.cache_seg_id[id] = cache_seg_id;
     this.seg_off[id] = seg_off;
     this.seg_gen[id] = seg_gen;
@@ -468,6 +477,13 @@ export class KeyIndex {
     return this.off[id] + this.len[id];
   }
 
+  /** Cut linked key id to [off, off + len): its fields and the end the searches read. */
+  private setSpan(id: number, off: number, len: number): void {
+    this.off[id] = off;
+    this.len[id] = len;
+    this.ends[2 * id] = off + len;
+  }
+
   // ---------------------------------------------------------------- searches (lock held)
 
   /**
@@ -478,16 +494,15 @@ export class KeyIndex {
   ceiling(s: number, x: number): number {
     if (s < 0 || s >= this.n_subtrees) broken(`subtree ${s} out of range`);
     const links = this.links;
-    const off = this.off;
-    const len = this.len;
+    const ends = this.ends;
     let t = links[this.root_base + s];
     let res = NIL;
     while (t !== NIL) {
-      if (off[t] + len[t] > x) {
+      if (ends[2 * t] > x) {
         res = t;
-        t = links[2 * t];
+        t = links[4 * t + 2];
       } else {
-        t = links[2 * t + 1];
+        t = links[4 * t + 3];
       }
     }
     return res;
@@ -499,13 +514,15 @@ export class KeyIndex {
     const links = this.links;
     let t = links[this.root_base + s];
     if (t === NIL) return NIL;
-    for (let l = links[2 * t]; l !== NIL; l = links[2 * t]) t = l;
+    for (let l = links[4 * t + 2]; l !== NIL; l = links[4 * t + 2]) t = l;
     return t;
   }
 
   /**
-   * ceiling(s, x) that first deletes every stale key (non-EMPTY, isStale true) met on the search
-   * path, as the kernel's searches do (read path §2.6, miss completion). The result is live.
+   * ceiling(s, x) that deletes stale keys (non-EMPTY, isStale true) it would return and searches
+   * again, so the result is live. The kernel also deletes stale keys it passes on the way down;
+   * here only results are checked (fewer cache misses per level), and GC's prune pass
+   * (purgeStale) removes the others.
    */
   ceilingPurge(s: number, x: number, isStale: IsStale): number {
     if (s < 0 || s >= this.n_subtrees) broken(`subtree ${s} out of range`);
@@ -592,7 +609,7 @@ export class KeyIndex {
     let t = links[slot];
     while (t !== id) {
       if (t === NIL) broken(`unlink: key ${id} (off ${key}) is not in subtree ${s}`);
-      slot = key < off[t] ? 2 * t : 2 * t + 1;
+      slot = key < off[t] ? 4 * t + 2 : 4 * t + 3;
       t = links[slot];
     }
     this.unlinkAt(s, slot, id);
@@ -639,12 +656,13 @@ export class KeyIndex {
       if (off[id] < prev_end || len[id] === 0) broken(`buildSorted: key ${id} at ${off[id]} is out of order or empty`);
       this.checkRange(s, off[id], len[id]);
       prev_end = off[id] + len[id];
+      this.ends[2 * id] = prev_end;
       // Nodes of lower priority on the right spine become id's left subtree.
       let last = NIL;
       while (top >= 0 && prio[stack[top]] < prio[id]) last = stack[top--];
-      links[2 * id] = last;
-      links[2 * id + 1] = NIL;
-      if (top >= 0) links[2 * stack[top] + 1] = id;
+      links[4 * id + 2] = last;
+      links[4 * id + 3] = NIL;
+      if (top >= 0) links[4 * stack[top] + 3] = id;
       stack[++top] = id;
     }
     links[this.root_base + s] = top >= 0 ? stack[0] : NIL;
@@ -671,9 +689,9 @@ export class KeyIndex {
     while (t !== NIL || stack.length > 0) {
       while (t !== NIL) {
         if (t < 0 || t >= this.nodes_max) broken(`subtree ${s}: bad link ${t}`);
-        if (links[2 * t + 1] === FREE_MARK) broken(`subtree ${s}: free node ${t} is linked`);
-        const l = links[2 * t];
-        const r = links[2 * t + 1];
+        if (links[4 * t + 3] === FREE_MARK) broken(`subtree ${s}: free node ${t} is linked`);
+        const l = links[4 * t + 2];
+        const r = links[4 * t + 3];
         if (l !== NIL && prio[l] > prio[t]) broken(`subtree ${s}: heap order broken at ${t} (left ${l})`);
         if (r !== NIL && prio[r] > prio[t]) broken(`subtree ${s}: heap order broken at ${t} (right ${r})`);
         stack.push(t);
@@ -687,8 +705,9 @@ export class KeyIndex {
       this.checkRange(s, off[t], len[t]);
       if (off[t] < prev_end) broken(`subtree ${s}: key ${t} [${off[t]}, ${off[t] + len[t]}) overlaps or precedes key ${prev} ending at ${prev_end}`);
       prev_end = off[t] + len[t];
+      if (this.ends[2 * t] !== prev_end) broken(`subtree ${s}: key ${t} [${off[t]}, ${prev_end}) has end ${this.ends[2 * t]} in its record`);
       prev = t;
-      t = links[2 * t + 1];
+      t = links[4 * t + 3];
     }
     const count = this.sub[s * SUB_WORDS + SUB_COUNT];
     if (visited !== count) broken(`subtree ${s}: ${visited} keys linked, count says ${count}`);
@@ -732,8 +751,7 @@ export class KeyIndex {
             if (this.debug) this.checkNeighbours(s, k);
             return INSERT_OK;
           }
-          off[t] = ke; // still sorted: every earlier key now ends <= ks <= ke
-          len[t] = te - ke;
+          this.setSpan(t, ke, te - ke); // still sorted: every earlier key now ends <= ks <= ke
           this.seg_off[t] += ke - ts;
           break;
         }
@@ -743,14 +761,14 @@ export class KeyIndex {
       if (te > ke) {
         // contained: T is the only key overlapping K.
         if (empty) {
-          len[t] = ks - ts;
+          this.setSpan(t, ts, ks - ts);
           break;
         }
         if (spare === NIL) return INSERT_NEED_SPARE;
         if (spare < 0 || spare >= this.nodes_max || this.isFree(spare)) broken(`insert: bad spare ${spare}`);
         this.copyKey(spare, t);
-        len[t] = ks - ts;
-        off[spare] = ke;
+        this.setSpan(t, ts, ks - ts);
+        off[spare] = ke; // private until linked below, which sets its end
         len[spare] = te - ke;
         this.seg_off[spare] += ke - ts;
         this.link(s, spare);
@@ -758,42 +776,41 @@ export class KeyIndex {
         return INSERT_OK_SPARE_USED;
       }
       // head: ks < te <= ke, and ts < ks so T keeps a non-empty front.
-      len[t] = ks - ts;
+      this.setSpan(t, ts, ks - ts);
     }
     if (k !== NIL) this.link(s, k);
     return INSERT_OK;
   }
 
   /**
-   * ceiling(s, x), remembering in found_slot the slot holding the result. With isStale, stale
-   * keys met on the search path are deleted (where they hang) and the search starts again.
+   * ceiling(s, x), remembering in found_slot the slot holding the result. With isStale, a stale
+   * result is deleted (where it hangs) and the search starts again.
    */
   private search(s: number, x: number, isStale: IsStale | null): number {
     const links = this.links;
-    const off = this.off;
-    const len = this.len;
-    const flags = this.flags;
+    const ends = this.ends;
     for (;;) {
       let slot = this.root_base + s;
       let t = links[slot];
       let res = NIL;
       let res_slot = slot;
+      // One 16-byte record per level (end and links): this walk was the largest part of a 4 KiB
+      // write's CPU time while offset, length and links sat in three arrays (three misses a level).
       while (t !== NIL) {
-        if (isStale !== null && (flags[t] & KEY_F_EMPTY) === 0 && isStale(t)) break;
-        if (off[t] + len[t] > x) {
+        if (ends[2 * t] > x) {
           res = t;
           res_slot = slot;
-          slot = 2 * t;
+          slot = 4 * t + 2;
         } else {
-          slot = 2 * t + 1;
+          slot = 4 * t + 3;
         }
         t = links[slot];
       }
-      if (t === NIL) {
+      if (res === NIL || isStale === null || (this.flags[res] & KEY_F_EMPTY) !== 0 || !isStale(res)) {
         this.found_slot = res_slot;
         return res;
       }
-      this.removeAt(s, slot, t);
+      this.removeAt(s, res_slot, res);
     }
   }
 
@@ -809,62 +826,65 @@ export class KeyIndex {
     const prio = this.prio;
     // Treap merge of the children: repeatedly hang the higher-priority root of the two and
     // continue down its inner side.
-    let a = links[2 * id];
-    let b = links[2 * id + 1];
+    let a = links[4 * id + 2];
+    let b = links[4 * id + 3];
     while (a !== NIL && b !== NIL) {
       if (prio[a] > prio[b]) {
         links[slot] = a;
-        slot = 2 * a + 1;
+        slot = 4 * a + 3;
         a = links[slot];
       } else {
         links[slot] = b;
-        slot = 2 * b;
+        slot = 4 * b + 2;
         b = links[slot];
       }
     }
     links[slot] = a !== NIL ? a : b;
-    links[2 * id] = NIL;
-    links[2 * id + 1] = NIL;
+    links[4 * id + 2] = NIL;
+    links[4 * id + 3] = NIL;
     this.sub[s * SUB_WORDS + SUB_COUNT]--;
   }
 
   /** Put private node k where t hangs (links[slot]), with t's children and priority; free t. */
   private replaceAt(slot: number, t: number, k: number): void {
     const links = this.links;
-    links[2 * k] = links[2 * t];
-    links[2 * k + 1] = links[2 * t + 1];
+    this.ends[2 * k] = this.off[k] + this.len[k];
+    links[4 * k + 2] = links[4 * t + 2];
+    links[4 * k + 3] = links[4 * t + 3];
     this.prio[k] = this.prio[t];
     links[slot] = k;
-    links[2 * t] = NIL;
-    links[2 * t + 1] = NIL;
+    links[4 * t + 2] = NIL;
+    links[4 * t + 3] = NIL;
     this.freeNode(t);
   }
 
   /** Treap insert of node k by off[k]; the caller guarantees it overlaps nothing. */
   private link(s: number, k: number): void {
     const links = this.links;
-    const off = this.off;
+    const ends = this.ends;
     const prio = this.prio;
-    const key = off[k];
+    // Keys do not overlap, so ordering by end is ordering by offset (and reads k's own record).
+    const k_end = this.off[k] + this.len[k];
+    ends[2 * k] = k_end;
     const pk = prio[k];
     // Descend while the nodes outrank k; k takes the place of the first one that does not.
     let slot = this.root_base + s;
     let t = links[slot];
     while (t !== NIL && prio[t] > pk) {
-      slot = key < off[t] ? 2 * t : 2 * t + 1;
+      slot = k_end < ends[2 * t] ? 4 * t + 2 : 4 * t + 3;
       t = links[slot];
     }
     // Split the subtree we displace into keys below k (k's left) and above k (k's right).
-    let ls = 2 * k;
-    let rs = 2 * k + 1;
+    let ls = 4 * k + 2;
+    let rs = 4 * k + 3;
     while (t !== NIL) {
-      if (off[t] < key) {
+      if (ends[2 * t] < k_end) {
         links[ls] = t;
-        ls = 2 * t + 1;
+        ls = 4 * t + 3;
         t = links[ls];
       } else {
         links[rs] = t;
-        rs = 2 * t;
+        rs = 4 * t + 2;
         t = links[rs];
       }
     }
@@ -886,7 +906,7 @@ export class KeyIndex {
 
   private checkPrivateKey(s: number, k: number): void {
     if (k < 0 || k >= this.nodes_max) broken(`bad node id ${k}`);
-    if (this.links[2 * k + 1] === FREE_MARK) broken(`node ${k} is free`);
+    if (this.links[4 * k + 3] === FREE_MARK) broken(`node ${k} is free`);
     if (this.len[k] === 0) broken(`key ${k} has length 0`);
     this.checkRange(s, this.off[k], this.len[k]);
   }
