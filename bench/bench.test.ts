@@ -6,7 +6,7 @@ import { describe, expect, test } from "bun:test";
 import { ArgError, parseArgs, selection } from "./args.ts";
 import { soakGrowth } from "./memory.ts";
 import { fioNumbers, parseFioJson, WORKLOADS, workloadById, type FioNumbers } from "./fio.ts";
-import { mdTable } from "./report.ts";
+import { mdTable, workloadSection } from "./report.ts";
 import { executionOrder, type ServerResult, type WorkloadResult } from "./suite.ts";
 import { evaluateTargets } from "./targets.ts";
 
@@ -46,10 +46,10 @@ function numbers(iops: number, p99_us: number, mib_s = 0): FioNumbers {
   return { iops, mib_s, lat_mean_us: 1, lat_p99_us: p99_us, flush_mean_us: null, flush_p99_us: null, ios: 1 };
 }
 
-function server(name: string, by_id: Record<string, FioNumbers>): ServerResult {
+function server(name: string, by_id: Record<string, FioNumbers>, cache_full = false): ServerResult {
   const workloads: Record<string, WorkloadResult> = {};
   for (const [id, n] of Object.entries(by_id)) {
-    workloads[id] = { numbers: n, error: null, server_cpu_s: 1, wall_s: 1, other_cpu_pct: 0, steal_pct: 0, settle_s: 0 };
+    workloads[id] = { numbers: n, error: null, server_cpu_s: 1, wall_s: 1, other_cpu_pct: 0, steal_pct: 0, settle_s: 0, cache_full };
   }
   return { name, description: "", status: "ok", note: null, workloads, prefill_mib_s: null, memory: [], log_path: null };
 }
@@ -100,6 +100,17 @@ describe("helpers", () => {
     const order = executionOrder(WORKLOADS).map((w) => w.cached_read);
     expect(order).toEqual([...order].sort((a, b) => Number(b) - Number(a)));
     expect(executionOrder(WORKLOADS)).toHaveLength(WORKLOADS.length);
+  });
+
+  test("a workload during which pcache's cache filled up is marked in its table", () => {
+    const sw = workloadById("sw1m-qd8")!;
+    const peer = server("nbdkit memory", { "sw1m-qd8": numbers(0, 100, 900) });
+    const full = workloadSection({ servers: [server("pcache", { "sw1m-qd8": numbers(0, 100, 500) }, true), peer] }, sw).join("\n");
+    expect(full).toContain("| pcache (cache full) | 500 |");
+    expect(full).toContain("the cache filled up during this workload");
+    const roomy = workloadSection({ servers: [server("pcache", { "sw1m-qd8": numbers(0, 100, 500) }), peer] }, sw).join("\n");
+    expect(roomy).toContain("| pcache | 500 |");
+    expect(roomy).not.toContain("cache full");
   });
 
   test("Markdown tables escape pipes and align numbers right", () => {

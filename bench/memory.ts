@@ -6,6 +6,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { nodesMaxFor } from "../core/engine/engine.ts";
 import { formatSegNum } from "../core/format/format_cache.ts";
+import { NODE_BYTES } from "../core/index/key_index.ts";
 import { runFio } from "./fio.ts";
 import { processMemory } from "./proc.ts";
 import type { RunningServer } from "./servers.ts";
@@ -24,7 +25,7 @@ export interface MemoryMeasure {
   within_bound: boolean;
 }
 
-/** BufferPool keeps at most this much in free lists; each request worker has one for reads and one for writes. */
+/** BufferPool keeps at most this much in free lists; each request worker has one (READ replies). */
 const POOL_FREE_BYTES_MAX = 32 * 2 ** 20;
 
 export function requestWorkers(log_path: string): number {
@@ -36,8 +37,8 @@ export function memoryMeasure(samples: MemorySample[], cache_size_bytes: number,
   const start = samples.find((s) => s.after === "start");
   const runs = samples.filter((s) => s.after !== "start");
   if (start === undefined || runs.length === 0) return null;
-  const index_bytes = nodesMaxFor(formatSegNum(cache_size_bytes)) * 60;
-  const pool_bytes = 2 * POOL_FREE_BYTES_MAX * workers;
+  const index_bytes = nodesMaxFor(formatSegNum(cache_size_bytes)) * NODE_BYTES;
+  const pool_bytes = POOL_FREE_BYTES_MAX * workers;
   const final = runs[runs.length - 1].mem;
   const bound_bytes = start.mem.rss_anon_bytes + index_bytes + pool_bytes;
   return {

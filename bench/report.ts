@@ -2,6 +2,7 @@
  * bench/RESULTS.md: machine and tools, the targets, one table per workload (pcache's ratio to
  * each peer), the extra measurements, and how each number was taken.
  */
+import { NODE_BYTES } from "../core/index/key_index.ts";
 import type { MachineInfo } from "./env.ts";
 import type { ReplayMeasure, WritebackMeasure } from "./extra.ts";
 import type { MemoryMeasure, SoakMeasure } from "./memory.ts";
@@ -95,7 +96,8 @@ function targetsSection(r: RunReport): string[] {
   ];
 }
 
-function workloadSection(r: RunReport, w: Workload): string[] {
+/** One workload's table (and its "cache full" note when pcache filled up during it). */
+export function workloadSection(r: Pick<RunReport, "servers">, w: Workload): string[] {
   const unit = w.flush_each ? "pairs/s" : w.metric === "iops" ? "IOPS" : "MiB/s";
   const head = ["server", unit, "mean µs", "p99 µs"];
   if (w.flush_each) head.push("flush mean µs", "flush p99 µs");
@@ -109,7 +111,8 @@ function workloadSection(r: RunReport, w: Workload): string[] {
       continue;
     }
     const n = res.numbers;
-    const row = [s.name, fmt(throughput(r.servers, s.name, w)), fmt(n.lat_mean_us), fmt(n.lat_p99_us)];
+    const name = res.cache_full ? `${s.name} (cache full)` : s.name;
+    const row = [name, fmt(throughput(r.servers, s.name, w)), fmt(n.lat_mean_us), fmt(n.lat_p99_us)];
     if (w.flush_each) row.push(fmt(n.flush_mean_us), fmt(n.flush_p99_us));
     const cpu = res.server_cpu_s === null ? null : (100 * res.server_cpu_s) / res.wall_s;
     const rt = s.name === "pcache" ? null : ratio(r.servers, s.name, w);
@@ -117,7 +120,11 @@ function workloadSection(r: RunReport, w: Workload): string[] {
     row.push(fmt(cpu), fmt(res.other_cpu_pct), rt === null ? "-" : `${rt.toFixed(2)}×`, rp === null ? "-" : `${rp.toFixed(2)}×`);
     rows.push(row);
   }
-  return [`### ${w.title}`, "", `fio \`${w.args.join(" ")}\`${w.cached_read ? ", over the region written just before" : ""}`, "", mdTable(head, rows)];
+  const out = [`### ${w.title}`, "", `fio \`${w.args.join(" ")}\`${w.cached_read ? ", over the region written just before" : ""}`, "", mdTable(head, rows)];
+  if (r.servers.some((s) => s.workloads[w.id]?.cache_full)) {
+    out.push("", "(cache full): the cache filled up during this workload (the server logged it), so writes waited for writeback to the backing disk and GC; the figure measures the backing device more than the cache.");
+  }
+  return out;
 }
 
 function extraSection(r: RunReport): string[] {
@@ -137,7 +144,7 @@ function extraSection(r: RunReport): string[] {
   const m = r.memory;
   if (m !== null) {
     out.push(
-      `- **Memory** (pcache, ${gib(r.settings.cache_size_bytes)} cache, after the run): VmRSS ${mib(m.final.vm_rss_bytes)} MiB (of which RssShmem ${mib(m.final.rss_shmem_bytes)} MiB is the mapped cache file, RssFile ${mib(m.final.rss_file_bytes)} MiB), VmHWM ${mib(m.final.vm_hwm_bytes)} MiB, **RssAnon ${mib(m.final.rss_anon_bytes)} MiB**. Bound: RssAnon at start ${mib(m.start_anon_bytes)} MiB + index pool ${mib(m.index_bytes)} MiB (README formula, 60 B per node) + buffer pools ${mib(m.pool_bytes)} MiB (2 × 32 MiB × ${m.workers} request workers) = ${mib(m.bound_bytes)} MiB: ${m.within_bound ? "within" : "**exceeded**"}. RssAnon change from the first to the last workload: ${mib(m.growth_bytes)} MiB.`,
+      `- **Memory** (pcache, ${gib(r.settings.cache_size_bytes)} cache, after the run): VmRSS ${mib(m.final.vm_rss_bytes)} MiB (of which RssShmem ${mib(m.final.rss_shmem_bytes)} MiB is the mapped cache file, RssFile ${mib(m.final.rss_file_bytes)} MiB), VmHWM ${mib(m.final.vm_hwm_bytes)} MiB, **RssAnon ${mib(m.final.rss_anon_bytes)} MiB**. Bound: RssAnon at start ${mib(m.start_anon_bytes)} MiB + index pool ${mib(m.index_bytes)} MiB (README formula, ${NODE_BYTES} B per node) + READ buffer pools ${mib(m.pool_bytes)} MiB (32 MiB × ${m.workers} request workers) = ${mib(m.bound_bytes)} MiB: ${m.within_bound ? "within" : "**exceeded**"}. RssAnon change from the first to the last workload: ${mib(m.growth_bytes)} MiB.`,
     );
   } else out.push("- **Memory**: not measured (pcache did not run)");
   out.push(soakLine(r.soak));

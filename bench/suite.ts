@@ -3,7 +3,7 @@
  * each workload after an untimed flush (so none starts with the previous one's dirty data
  * unflushed), with the server's CPU and (for pcache) memory sampled around it.
  */
-import { mkdirSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { haveCommand, runChild } from "./children.ts";
 import { type FioNumbers, oneLine, runFio, type Workload } from "./fio.ts";
@@ -33,6 +33,11 @@ export interface WorkloadResult {
   steal_pct: number;
   /** Seconds the untimed flush before the workload took (a write-back cache's backlog). */
   settle_s: number | null;
+  /**
+   * pcache logged "cache full" during the workload: writes waited for writeback and GC, so the
+   * figure measures the backing device more than the cache.
+   */
+  cache_full: boolean;
 }
 
 export interface MemorySample {
@@ -68,7 +73,7 @@ export async function nbdFlush(uri: string): Promise<number | null> {
 }
 
 function blankResult(error: string): WorkloadResult {
-  return { numbers: null, error, server_cpu_s: null, wall_s: 0, other_cpu_pct: 0, steal_pct: 0, settle_s: null };
+  return { numbers: null, error, server_cpu_s: null, wall_s: 0, other_cpu_pct: 0, steal_pct: 0, settle_s: null, cache_full: false };
 }
 
 /** Cached-read workloads first, right after the prefill, so later writes cannot evict that data. */
@@ -76,9 +81,21 @@ export function executionOrder(workloads: Workload[]): Workload[] {
   return [...workloads.filter((w) => w.cached_read), ...workloads.filter((w) => !w.cached_read)];
 }
 
-async function measureWorkload(s: RunningServer, w: Workload, o: SuiteOptions, dir: string): Promise<WorkloadResult> {
+/** Length of the server's log so far (0 when there is none yet). */
+function logLength(log_path: string | null): number {
+  return log_path !== null && existsSync(log_path) ? statSync(log_path).size : 0;
+}
+
+/** Whether the log, from byte `from` on, says the cache filled up. */
+function cacheFullSince(log_path: string | null, from: number): boolean {
+  if (log_path === null || !existsSync(log_path)) return false;
+  return readFileSync(log_path).subarray(from).toString("utf8").includes("cache full began");
+}
+
+async function measureWorkload(s: RunningServer, w: Workload, o: SuiteOptions, dir: string, log_path: string | null): Promise<WorkloadResult> {
   if (!serverAlive(s)) return blankResult("server exited");
   const settle_s = await nbdFlush(s.uri);
+  const log_from = logLength(log_path);
   const a = cpuSnapshot(s.pid);
   let numbers: FioNumbers | null = null;
   let error: string | null = null;
@@ -95,7 +112,8 @@ async function measureWorkload(s: RunningServer, w: Workload, o: SuiteOptions, d
     error = (err as Error).message;
   }
   const d = cpuDelta(a, cpuSnapshot(s.pid));
-  return { numbers, error, server_cpu_s: d.server_cpu_s, wall_s: d.wall_s, other_cpu_pct: d.other_cpu_pct, steal_pct: d.steal_pct, settle_s };
+  const cache_full = cacheFullSince(log_path, log_from);
+  return { numbers, error, server_cpu_s: d.server_cpu_s, wall_s: d.wall_s, other_cpu_pct: d.other_cpu_pct, steal_pct: d.steal_pct, settle_s, cache_full };
 }
 
 async function prefill(s: RunningServer, o: SuiteOptions, dir: string): Promise<number> {
@@ -176,7 +194,7 @@ async function runWorkloads(s: RunningServer, r: ServerResult, o: SuiteOptions, 
     }
   }
   for (const w of order) {
-    const res = await measureWorkload(s, w, o, dir);
+    const res = await measureWorkload(s, w, o, dir, r.log_path);
     r.workloads[w.id] = res;
     sampleMemory(r, s, w.id);
     const n = res.numbers;
