@@ -10,7 +10,7 @@ import { AssertionError } from "../core/assert.ts";
 import { BackingIoError, PcacheError, SysError } from "../core/errors.ts";
 import { GiB, MiB, SEG_SIZE, SEGMENTS_OFF, segmentOffset, segNumForSize } from "../core/format/constants.ts";
 import { attachCacheDevice, openCacheDevice } from "../core/device/cache_device.ts";
-import { FileBacking, openBackingFile } from "../core/device/file_backing.ts";
+import { attachBackingFile, FileBacking, openBackingFile } from "../core/device/file_backing.ts";
 import { writeDurable, type PersistDomain } from "../core/persist/domain.ts";
 import { MsyncDomain } from "../core/persist/msync.ts";
 import { PmemDomain } from "../core/persist/pmem.ts";
@@ -351,6 +351,28 @@ describe("file backing", () => {
     expect(() => openBackingFile(path)).toThrow(`backing device ${path} is in use by another pcache process`);
     b.close();
     await expect(b.read(0, new Uint8Array(1))).rejects.toThrow("after close");
+  });
+
+  test("an attached view with sync_writes (writeback's) writes on the calling thread: same bytes, same errors", async () => {
+    const path = join(disk_dir, "sync-writes.img");
+    writeFileSync(path, "");
+    ftruncateFd(openAndKeep(path), 5 * GiB);
+    const owner = openBackingFile(path);
+    const b = attachBackingFile(owner.attach, { sync_writes: true });
+    const data = pattern(300_000, 62);
+    for (const off of [0, 4097, 4 * GiB + 3, 5 * GiB - data.length]) {
+      const p = b.write(off, data);
+      // Already on the file when write() returns its promise: nothing was handed to another thread.
+      expect(preadFile(path, off, data.length)).toEqual(data);
+      await p;
+    }
+    await b.flush();
+    await expect(b.write(5 * GiB - 10, new Uint8Array(11))).rejects.toThrow("outside the device");
+    const ro = attachBackingFile({ ...owner.attach, read_only: true }, { sync_writes: true });
+    await expect(ro.write(0, data)).rejects.toThrow("read-only");
+    b.close();
+    await expect(b.write(0, data)).rejects.toThrow("after close");
+    owner.close();
   });
 
   test("writeZeroes (fallocate on files, zero buffers otherwise) and discard", async () => {

@@ -6,7 +6,7 @@ import { attachEngine, runWorker } from "../core/threads/worker_runtime.ts";
 import { Writeback } from "../core/writeback/writeback.ts";
 
 runWorker(async (start, { log, fatal }) => {
-  const engine = attachEngine(start, log);
+  const engine = attachEngine(start, log, { sync_writes: true });
   const done = new Writeback(engine.ctx, engine.meta).run();
   done.catch(fatal);
   // Ends once the main thread sets CTL_STOPPING (after every request worker closed its ksets).

@@ -4,7 +4,8 @@
  * writes) and FaultyBacking (tests; fails reads or writes on command).
  *
  * Every method validates its range; a failed operation rejects with BackingIoError (errno kept).
- * Reads and writes never block the caller's event loop.
+ * Reads and writes never block the caller's event loop, except writes of a FileBacking attached
+ * with sync_writes (the writeback thread's, which has nothing else to run meanwhile).
  */
 export interface BackingDevice {
   readonly size_bytes: number;

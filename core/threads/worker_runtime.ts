@@ -4,7 +4,7 @@
  * becomes one `fatal` message (the main thread stops the server), never a half-alive worker.
  */
 import { attachCacheDevice } from "../device/cache_device.ts";
-import { attachBackingFile } from "../device/file_backing.ts";
+import { attachBackingFile, type BackingAttachOptions } from "../device/file_backing.ts";
 import type { Logger } from "../engine/context.ts";
 import { Engine } from "../engine/engine.ts";
 import { niceThisThread } from "../../ffi/libc.ts";
@@ -53,9 +53,9 @@ function forwardingLogger(name: string, level: StartMessage["log_level"]): Logge
 }
 
 /** This thread's engine over the opener's mapping, backing fd and shared state. */
-export function attachEngine(start: StartMessage, log: Logger): Engine {
+export function attachEngine(start: StartMessage, log: Logger, backing_opts: BackingAttachOptions = {}): Engine {
   const dom = attachCacheDevice(start.cache);
-  const backing = attachBackingFile(start.backing);
+  const backing = attachBackingFile(start.backing, backing_opts);
   return Engine.attach(start.shared, dom, backing, start.slot, log);
 }
 
