@@ -67,21 +67,23 @@ export async function writePath(ctx: EngineContext, off: number, data: WriteData
 
 /**
  * Insert each piece's key and append it to its kset; with fua, close every kset that received
- * one before returning. Pieces not logged (on error) give back their segment reference.
+ * one before returning. Pieces not logged (on error) give back their segment reference. The
+ * common case (free index nodes, room in the kset) runs without waiting on anything.
  */
 export async function logPieces(ctx: EngineContext, pieces: Piece[], fua: boolean): Promise<void> {
-  const touched = new Set<number>();
+  const touched = fua ? new Set<number>() : null;
   let i = 0;
   try {
     for (; i < pieces.length; i++) {
-      await insertAndLog(ctx, pieces[i]);
-      touched.add(ctx.log.ksetIdOf(pieces[i].off));
+      const p = pieces[i];
+      if (!tryInsertAndLog(ctx, p)) await insertAndLogWaiting(ctx, p);
+      touched?.add(ctx.log.ksetIdOf(p.off));
     }
   } catch (err) {
     for (; i < pieces.length; i++) ctx.segs.put(pieces[i].cache_seg_id);
     throw err;
   }
-  if (!fua) return;
+  if (touched === null) return;
   for (const kset_id of touched) await ctx.log.closeWaiting(kset_id, ctx.limits.space_wait_ms);
 }
 
@@ -97,35 +99,50 @@ function allocNodePair(ctx: EngineContext): [number, number] | null {
   return [a, b];
 }
 
-async function insertAndLog(ctx: EngineContext, p: Piece): Promise<void> {
+/** Log p without waiting; false when it has to wait for index nodes or for room in the log. */
+function tryInsertAndLog(ctx: EngineContext, p: Piece): boolean {
+  const pair = allocNodePair(ctx);
+  return pair !== null && logWithNodes(ctx, p, pair);
+}
+
+async function insertAndLogWaiting(ctx: EngineContext, p: Piece): Promise<void> {
+  for (;;) {
+    const pair = allocNodePair(ctx) ?? (await ctx.waitForNodes(() => allocNodePair(ctx)));
+    if (logWithNodes(ctx, p, pair)) return;
+    // The kset is full and the log had no segment to roll into: wait for GC, then retry.
+    await ctx.log.closeWaiting(ctx.log.ksetIdOf(p.off), ctx.limits.space_wait_ms);
+  }
+}
+
+/**
+ * Under the subtree and kset locks (so index order and log order agree): insert p's key (node)
+ * and append it to its kset. False, with both nodes freed, when the kset is full and cannot
+ * close into a new segment yet.
+ */
+function logWithNodes(ctx: EngineContext, p: Piece, [node, spare]: [number, number]): boolean {
   assert(p.len > 0 && Math.floor(p.off / SUBTREE_SPAN) === Math.floor((p.off + p.len - 1) / SUBTREE_SPAN), "piece crosses a 4 MiB boundary");
   const { idx, log } = ctx;
   const sub = idx.subtreeOf(p.off);
   const kset_id = log.ksetIdOf(p.off);
-  for (;;) {
-    const [node, spare] = await ctx.waitForNodes(() => allocNodePair(ctx));
-    setNode(ctx, node, p);
-    let logged = false;
-    let spare_used = false;
-    idx.lockSubtree(sub);
-    log.lock(kset_id);
-    try {
-      if (!log.isFull(kset_id) || log.close(kset_id)) {
-        spare_used = idx.insert(sub, node, spare, ctx.isStale) === INSERT_OK_SPARE_USED;
-        const key = { off: p.off, len: p.len, flags: p.flags, cache_seg_id: p.cache_seg_id, cache_seg_off: p.seg_off, seg_gen: p.seg_gen, data_crc: p.data_crc };
-        if (log.append(kset_id, key) === KSET_KEYS_MAX) log.close(kset_id); // stays full if no room: the next appender retries
-        logged = true;
-      }
-    } finally {
-      log.unlock(kset_id);
-      idx.unlockSubtree(sub);
+  setNode(ctx, node, p);
+  let logged = false;
+  let spare_used = false;
+  idx.lockSubtree(sub);
+  log.lock(kset_id);
+  try {
+    if (!log.isFull(kset_id) || log.close(kset_id)) {
+      spare_used = idx.insert(sub, node, spare, ctx.isStale) === INSERT_OK_SPARE_USED;
+      const key = { off: p.off, len: p.len, flags: p.flags, cache_seg_id: p.cache_seg_id, cache_seg_off: p.seg_off, seg_gen: p.seg_gen, data_crc: p.data_crc };
+      if (log.append(kset_id, key) === KSET_KEYS_MAX) log.close(kset_id); // stays full if no room: the next appender retries
+      logged = true;
     }
-    if (!spare_used) idx.freeNode(spare);
-    if (logged) return;
-    idx.freeNode(node);
-    // The kset is full and the log had no segment to roll into: wait for GC, then retry.
-    await log.closeWaiting(kset_id, ctx.limits.space_wait_ms);
+  } finally {
+    log.unlock(kset_id);
+    idx.unlockSubtree(sub);
   }
+  if (!spare_used) idx.freeNode(spare);
+  if (!logged) idx.freeNode(node);
+  return logged;
 }
 
 function setNode(ctx: EngineContext, id: number, p: Piece): void {
