@@ -43,6 +43,8 @@
  *   means the very same key is still linked (possibly trimmed), different means it was deleted
  *   and the node may since have been reused for another key.
  */
+import { ptr } from "bun:ffi";
+import { adviseHugePages } from "../../ffi/libc.ts";
 import { AssertionError } from "../assert.ts";
 import { KEY_F_EMPTY, SUBTREE_SPAN } from "../format/constants.ts";
 import { lock, tryLock, unlock } from "../sync/lock.ts";
@@ -110,6 +112,9 @@ const SUB_COUNT = 1;
 /** Int32 words per node in `links`: its end (a float64 in words 0-1), then left and right links. */
 const NODE_WORDS = 4;
 
+/** Index buffers from this size ask for transparent huge pages. */
+const HUGE_ADVICE_MIN_BYTES = 8 * 1024 * 1024;
+
 /** Right link of a node that is on the free list; catches double frees and inserting freed nodes. */
 const FREE_MARK = -2;
 
@@ -174,6 +179,10 @@ export function createKeyIndexShared(n_subtrees: number, nodes_max: number, seed
     ver: new SharedArrayBuffer(n * 4),
     prio: new SharedArrayBuffer(n * 4),
   };
+  // Before the first touch, so the pages are huge from the start where the kernel allows it.
+  for (const buf of [shared.links, shared.off, shared.len, shared.flags, shared.seg_gen, shared.cache_seg_id]) {
+    if (buf.byteLength >= HUGE_ADVICE_MIN_BYTES) adviseHugePages(Number(ptr(new Uint8Array(buf))), buf.byteLength);
+  }
   const links = new Int32Array(shared.links);
   // Free list threaded through the left links, lowest ids first (they are handed out first).
   for (let id = 0; id < n; id++) {
