@@ -138,7 +138,7 @@ function extraSection(r: RunReport): string[] {
   const wb = r.writeback;
   if (wb !== null) {
     out.push(
-      `- **Writeback**: ${mib(wb.bytes)} MiB of random 4 KiB writes (${wb.keys} keys, distinct offsets) dirty in a fresh cache; pcache wrote them back (dirty_tail reached key_head) in ${wb.pcache_s.toFixed(2)} s = **${fmt(wb.pcache_mib_s)} MiB/s**; fio wrote the same amount to a fresh backing file (\`${wb.fio_args}\`) in ${wb.fio_s.toFixed(2)} s = ${fmt(wb.fio_mib_s)} MiB/s; ratio **${wb.ratio.toFixed(2)}×**.`,
+      `- **Writeback**: ${mib(wb.bytes)} MiB of random 4 KiB writes (${wb.keys} keys, distinct offsets) dirty in a fresh cache; pcache (started without \`--prefault\`, replay time subtracted) wrote them back (dirty_tail reached key_head) in ${wb.pcache_s.toFixed(2)} s = **${fmt(wb.pcache_mib_s)} MiB/s**; fio wrote the same amount to a fresh backing file (\`${wb.fio_args}\`) in ${wb.fio_s.toFixed(2)} s = ${fmt(wb.fio_mib_s)} MiB/s; ratio **${wb.ratio.toFixed(2)}×**.`,
     );
   } else out.push(`- **Writeback**: ${r.writeback_error ?? "not run"}`);
   const m = r.memory;
