@@ -115,6 +115,17 @@ describe("RecvBuffer with release_chunks", () => {
     expect(detached(b)).toBe(true);
   });
 
+  test("the same buffer pushed twice stays until both are consumed", () => {
+    const r = new RecvBuffer({ release_chunks: true });
+    const a = chunk(4, 3);
+    r.push(a);
+    r.push(a);
+    expect(r.skip(4)).toBe(4);
+    expect(detached(a)).toBe(false);
+    expect([...r.take(4)]).toEqual([3, 3, 3, 3]);
+    expect(detached(a)).toBe(true);
+  });
+
   test("a chunk that is a view of a larger buffer is never detached", () => {
     const r = new RecvBuffer({ release_chunks: true });
     const whole = chunk(16, 7);

@@ -38,9 +38,11 @@ export class RecvBuffer {
     if (chunk.length === 0) return;
     if (this.refs !== null) {
       const ab = chunk.buffer;
-      // Only a chunk that is its whole buffer, seen for the first time, can be detached safely.
-      const owned = chunk.byteOffset === 0 && chunk.byteLength === ab.byteLength && !this.refs.has(ab);
-      if (owned) this.refs.set(ab, 1);
+      const n = this.refs.get(ab);
+      // A buffer already held (pushed again) gets one more reference; otherwise only a chunk that
+      // is its whole buffer is ever detached.
+      if (n !== undefined) this.refs.set(ab, n + 1);
+      else if (chunk.byteOffset === 0 && chunk.byteLength === ab.byteLength) this.refs.set(ab, 1);
     }
     this.chunks.push(chunk);
     this.total += chunk.length;
