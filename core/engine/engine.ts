@@ -154,7 +154,7 @@ export class Engine {
   async read(off: number, len: number, dst: Uint8Array): Promise<void> {
     this.check(off, len, 22);
     assert(dst.length >= len, "read buffer too small");
-    await readPath(this.ctx, off, dst.subarray(0, len));
+    await readPath(this.ctx, off, dst.length === len ? dst : dst.subarray(0, len));
   }
 
   async write(off: number, data: WriteData, fua: boolean): Promise<void> {

@@ -34,7 +34,8 @@ export async function readPath(ctx: EngineContext, off: number, dst: Uint8Array)
   let hit_bytes = 0;
   for (let done = 0; done < dst.length; ) {
     const n = Math.min(dst.length - done, spanLeft(off + done));
-    hit_bytes += walkChunk(ctx, off + done, n, dst.subarray(done, done + n), misses);
+    // A read inside one 4 MiB chunk (the usual case) needs no view of its own.
+    hit_bytes += walkChunk(ctx, off + done, n, n === dst.length ? dst : dst.subarray(done, done + n), misses);
     done += n;
   }
   const s = ctx.s;
@@ -91,7 +92,7 @@ function walkChunk(ctx: EngineContext, off: number, len: number, dst: Uint8Array
       if ((idx.flags[t] & KEY_F_EMPTY) !== 0) {
         // Someone else is filling this range: read the backing device ourselves.
         misses.push({ off: cur, len: stop - cur, node: -1, ver: 0 });
-      } else if (copyHit(ctx, t, cur, stop, dst.subarray(cur - off, stop - off))) {
+      } else if (copyHit(ctx, t, cur, stop, dst, cur - off)) {
         hit += stop - cur;
       } else {
         // The segment was reused during the copy: the key was clean or written back, so the
@@ -108,14 +109,17 @@ function walkChunk(ctx: EngineContext, off: number, len: number, dst: Uint8Array
   return hit;
 }
 
-/** Copy [cur, stop) of key t from the cache. False when the segment changed generation meanwhile. */
-function copyHit(ctx: EngineContext, t: number, cur: number, stop: number, dst: Uint8Array): boolean {
+/**
+ * Copy [cur, stop) of key t from the cache to dst at dst_off. False when the segment changed
+ * generation meanwhile.
+ */
+function copyHit(ctx: EngineContext, t: number, cur: number, stop: number, dst: Uint8Array, dst_off: number): boolean {
   const { idx, segs, media } = ctx;
   const seg = idx.cache_seg_id[t];
   const seq = segs.genSeq(seg);
   if ((idx.flags[t] & CRC_VALID_FLAG) !== 0 && (idx.flags[t] & CRC_VERIFIED_FLAG) === 0) verifyKeyCrc(ctx, t);
   const at = media.dataOff(seg, idx.seg_off[t] + (cur - idx.off[t]));
-  dst.set(media.dom.view(at, stop - cur));
+  dst.set(media.dom.view(at, stop - cur), dst_off);
   return segs.genSeq(seg) === seq;
 }
 
