@@ -91,12 +91,16 @@ describe("replay index builder", () => {
     const a = node(idx, { off: 8192, len: 4096, seg: 1 });
     const b = node(idx, { off: 0, len: 4096, seg: 2 });
     const stack = new Int32Array(4);
-    expect(() => idx.buildSorted(0, Int32Array.of(a, b), 2, stack)).toThrow(AssertionError);
-    idx.buildSorted(0, Int32Array.of(b, a), 2, stack);
+    const stack_prio = new Uint32Array(4);
+    const keys = (ids: number[], offs: number[]) => ({ ids: Int32Array.from(ids), offs: Float64Array.from(offs), lens: Uint32Array.of(4096, 4096) });
+    expect(() => idx.buildSorted(0, keys([a, b], [8192, 0]), 2, stack, stack_prio)).toThrow(AssertionError);
+    idx.buildSorted(0, keys([b, a], [0, 8192]), 2, stack, stack_prio);
     expect(contents(idx).slice(0, 2)).toEqual([
       [0, 4096, 2, 0],
       [8192, 4096, 1, 0],
     ]);
-    expect(() => idx.buildSorted(0, Int32Array.of(node(idx, { off: 20000, len: 1, seg: 3 })), 1, stack)).toThrow(/not empty/);
+    idx.checkInvariants(0);
+    const c = node(idx, { off: 20000, len: 1, seg: 3 });
+    expect(() => idx.buildSorted(0, { ids: Int32Array.of(c), offs: Float64Array.of(20000), lens: Uint32Array.of(1) }, 1, stack, stack_prio)).toThrow(/not empty/);
   });
 });

@@ -22,6 +22,13 @@ interface Run {
   lens: Uint32Array;
 }
 
+/** One subtree's keys in offset order: node ids, offsets and lengths side by side. */
+interface SortedKeys {
+  ids: Int32Array;
+  offs: Float64Array;
+  lens: Uint32Array;
+}
+
 export class ReplayIndexBuilder {
   private nodes: Int32Array;
   /** Offsets and lengths kept beside the node ids: reading them back from the scattered nodes missed the cache. */
@@ -65,16 +72,17 @@ export class ReplayIndexBuilder {
       order.lens[at] = this.lens[i];
     }
     const sort_keys = new Float64Array(longest);
-    const ids = new Int32Array(longest);
+    const sorted: SortedKeys = { ids: new Int32Array(longest), offs: new Float64Array(longest), lens: new Uint32Array(longest) };
     const stack = new Int32Array(longest);
+    const stack_prio = new Uint32Array(longest);
     let built_subtrees = 0;
     let inserted_subtrees = 0;
     for (let s = 0; s < idx.n_subtrees; s++) {
       const a = start[s];
       const m = start[s + 1] - a;
       if (m === 0) continue;
-      if (this.sortedWithoutOverlap(s, order, a, m, sort_keys, ids)) {
-        idx.buildSorted(s, ids, m, stack);
+      if (this.sortedWithoutOverlap(s, order, a, m, sort_keys, sorted)) {
+        idx.buildSorted(s, sorted, m, stack, stack_prio);
         built_subtrees++;
       } else {
         this.insertInLogOrder(s, order, a, m);
@@ -84,8 +92,15 @@ export class ReplayIndexBuilder {
     return { built_subtrees, inserted_subtrees };
   }
 
-  /** Fills ids[0..m) with subtree s's keys by offset; false if two of them overlap. */
-  private sortedWithoutOverlap(s: number, order: Run, a: number, m: number, sort_keys: Float64Array, ids: Int32Array): boolean {
+  /** Fills sorted.ids/offs/lens[0..m) with subtree s's keys by offset; false if two of them overlap. */
+  private sortedWithoutOverlap(
+    s: number,
+    order: Run,
+    a: number,
+    m: number,
+    sort_keys: Float64Array,
+    sorted: SortedKeys,
+  ): boolean {
     const { nodes, offs, lens } = order;
     const base = s * SUBTREE_SPAN;
     for (let j = 0; j < m; j++) sort_keys[j] = (offs[a + j] - base) * LOG_INDEX_SPAN + j;
@@ -96,7 +111,9 @@ export class ReplayIndexBuilder {
       const at = a + (keys[j] % LOG_INDEX_SPAN);
       if (offs[at] < prev_end) return false;
       prev_end = offs[at] + lens[at];
-      ids[j] = nodes[at];
+      sorted.ids[j] = nodes[at];
+      sorted.offs[j] = offs[at];
+      sorted.lens[j] = lens[at];
     }
     return true;
   }

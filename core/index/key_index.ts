@@ -646,33 +646,50 @@ export class KeyIndex {
   }
 
   /**
-   * Link `n` private nodes, ids[0..n) sorted by offset and not overlapping, into the empty
+   * Link `n` private nodes, keys.ids[0..n) sorted by offset and not overlapping, into the empty
    * subtree s in O(n): the treap that n links would build (its shape follows from keys and
    * priorities alone), made on the right spine with a stack. Replay uses it for subtrees whose
    * keys do not overlap; anything else goes through insert().
+   *
+   * keys.offs and keys.lens hold each node's offset and length in the same order (the caller has
+   * them in key order; reading them from the scattered nodes was a cache miss per key), and each
+   * node gets a fresh priority here (a write per node instead of a read). stack and stack_prio
+   * are scratch space of at least n entries.
    */
-  buildSorted(s: number, ids: Int32Array, n: number, stack: Int32Array): void {
+  buildSorted(
+    s: number,
+    keys: { ids: Int32Array; offs: Float64Array; lens: Uint32Array },
+    n: number,
+    stack: Int32Array,
+    stack_prio: Uint32Array,
+  ): void {
     if (this.count(s) !== 0) broken(`buildSorted: subtree ${s} is not empty`);
-    if (n > ids.length || n > stack.length) broken(`buildSorted: ${n} keys do not fit the scratch arrays`);
+    const { ids, offs, lens } = keys;
+    if (n > ids.length || n > offs.length || n > lens.length || n > stack.length || n > stack_prio.length) {
+      broken(`buildSorted: ${n} keys do not fit the arrays`);
+    }
     const links = this.links;
-    const off = this.off;
-    const len = this.len;
+    const ends = this.ends;
     const prio = this.prio;
     let top = -1;
     let prev_end = -1;
     for (let i = 0; i < n; i++) {
       const id = ids[i];
-      if (off[id] < prev_end || len[id] === 0) broken(`buildSorted: key ${id} at ${off[id]} is out of order or empty`);
-      this.checkRange(s, off[id], len[id]);
-      prev_end = off[id] + len[id];
-      this.ends[2 * id] = prev_end;
+      const off = offs[i];
+      if (off < prev_end || lens[i] === 0) broken(`buildSorted: key ${id} at ${off} is out of order or empty`);
+      this.checkRange(s, off, lens[i]);
+      prev_end = off + lens[i];
+      ends[2 * id] = prev_end;
+      const p = this.nextPriority();
+      prio[id] = p;
       // Nodes of lower priority on the right spine become id's left subtree.
       let last = NIL;
-      while (top >= 0 && prio[stack[top]] < prio[id]) last = stack[top--];
+      while (top >= 0 && stack_prio[top] < p) last = stack[top--];
       links[4 * id + 2] = last;
       links[4 * id + 3] = NIL;
       if (top >= 0) links[4 * stack[top] + 3] = id;
       stack[++top] = id;
+      stack_prio[top] = p;
     }
     links[this.root_base + s] = top >= 0 ? stack[0] : NIL;
     this.sub[s * SUB_WORDS + SUB_COUNT] = n;
