@@ -6,12 +6,11 @@
  */
 import { defineCommand } from "citty";
 import { controlRequest } from "../core/control/client.ts";
-import { resolveControlPath } from "../core/control/paths.ts";
 import type { DrainProgress, DrainStartResult } from "../core/control/protocol.ts";
 import { formatBytes, formatErrno } from "../core/control/text.ts";
 import { posToString } from "../core/log/position.ts";
 import { fail, parseIntInRange, runCommand } from "./run.ts";
-import { controlArgs } from "./status.ts";
+import { controlArgs, controlPathOf } from "./status.ts";
 
 const POLL_MS = 250;
 /** The server walks the dirty log for each poll on its main thread: keep that under 1/POLL_COST_FACTOR of its time. */
@@ -40,7 +39,7 @@ export const drainCommand = defineCommand({
     runCommand(async () => {
       const timeout_s = parseIntInRange(args.timeout, "--timeout", 0, TIMEOUT_MAX_S);
       const stall_s = parseIntInRange(args["stall-timeout"], "--stall-timeout", 1, TIMEOUT_MAX_S);
-      const path = resolveControlPath(args);
+      const path = controlPathOf(args);
       return drain(path, timeout_s * 1000, stall_s * 1000);
     }),
 });

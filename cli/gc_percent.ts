@@ -1,9 +1,8 @@
 import { defineCommand } from "citty";
 import { controlRequest } from "../core/control/client.ts";
-import { resolveControlPath } from "../core/control/paths.ts";
 import { GC_PERCENT_MAX, GC_PERCENT_MIN } from "../core/format/constants.ts";
 import { fail, parseIntInRange, runCommand } from "./run.ts";
-import { controlArgs } from "./status.ts";
+import { controlArgs, controlPathOf } from "./status.ts";
 
 export const gcPercentCommand = defineCommand({
   meta: {
@@ -21,7 +20,7 @@ export const gcPercentCommand = defineCommand({
       const text = args.percent ?? rawArgs.find((a) => /^-\d/.test(a));
       if (text === undefined) fail(`gc-percent: give the new threshold (${GC_PERCENT_MIN}..${GC_PERCENT_MAX}), e.g. pcache gc-percent 50 --cache DEV`);
       const value = parseIntInRange(String(text), "gc-percent", GC_PERCENT_MIN, GC_PERCENT_MAX);
-      const path = resolveControlPath(args);
+      const path = controlPathOf(args);
       const r = (await controlRequest(path, { op: "gc_percent", value })) as { gc_percent: number; previous: number };
       process.stdout.write(`gc_percent ${r.gc_percent} (was ${r.previous}), persisted\n`);
     }),

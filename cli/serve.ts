@@ -1,5 +1,4 @@
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync } from "node:fs";
-import { homedir } from "node:os";
 import { join } from "node:path";
 import { defineCommand } from "citty";
 import { checkControlPath, defaultControlPath } from "../core/control/paths.ts";
@@ -10,15 +9,10 @@ import { GiB } from "../core/format/constants.ts";
 import { formatCache } from "../core/format/format_cache.ts";
 import { inspectSuperblockArea } from "../core/format/superblock.ts";
 import { DEFAULT_NBD_HOST, DEFAULT_NBD_PORT, socketActivationFd } from "../core/nbd/server.ts";
+import { DATA_DIR_BACKING_FILE, DATA_DIR_CACHE_FILE, defaultDataDir } from "./data_dir.ts";
 import { type ServeRuntime, startServing } from "./serve_runtime.ts";
 import { makeLogger } from "./logger.ts";
 import { fail, parseIntInRange, runCommand } from "./run.ts";
-
-/** Where `pcache serve` with no devices keeps its files. */
-export function defaultDataDir(): string {
-  const base = process.env.XDG_DATA_HOME || join(homedir(), ".local", "share");
-  return join(base, "pcache");
-}
 
 const DEFAULT_CACHE_BYTES = 1 * GiB;
 const DEFAULT_BACKING_BYTES = 4 * GiB;
@@ -95,8 +89,8 @@ async function serve(args: ServeArgs): Promise<number> {
     if (cache_path !== undefined || backing_path !== undefined) fail("name both --cache and --backing, or neither (to use the data folder)");
     const dir = args["data-dir"] ?? defaultDataDir();
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    cache_path = join(dir, "cache.img");
-    backing_path = join(dir, "backing.img");
+    cache_path = join(dir, DATA_DIR_CACHE_FILE);
+    backing_path = join(dir, DATA_DIR_BACKING_FILE);
     if (!existsSync(cache_path)) create_cache = DEFAULT_CACHE_BYTES;
     if (!existsSync(backing_path)) create_backing = DEFAULT_BACKING_BYTES;
     log.info(`using the data folder ${dir}`);

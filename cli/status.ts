@@ -4,13 +4,20 @@ import { resolveControlPath } from "../core/control/paths.ts";
 import { toPrometheus } from "../core/control/prometheus.ts";
 import type { StatusSnapshot } from "../core/control/status.ts";
 import { formatStatusText } from "../core/control/text.ts";
+import { dataDirCache } from "./data_dir.ts";
 import { fail, runCommand } from "./run.ts";
 
 /** How the client commands find a server: its control socket, or the cache it serves. */
 export const controlArgs = {
-  cache: { type: "string", description: "the cache device the server uses (finds its default control socket)" },
+  cache: { type: "string", description: "the cache device the server uses (finds its default control socket; default: the data folder's, if there is one)" },
   control: { type: "string", description: "the server's control socket, as printed by serve after control:" },
 } as const;
+
+/** The control socket named by --control or --cache, else the one of a server on the data folder. */
+export function controlPathOf(args: { control?: string; cache?: string }): string {
+  const named = (args.control ?? "") !== "" || (args.cache ?? "") !== "";
+  return resolveControlPath(named ? args : { cache: dataDirCache() });
+}
 
 export const statusCommand = defineCommand({
   meta: {
@@ -27,7 +34,7 @@ export const statusCommand = defineCommand({
     runCommand(async () => {
       const format = args.json ? "json" : args.format;
       if (format !== "text" && format !== "json" && format !== "prometheus") fail(`--format must be text, json or prometheus, not "${format}"`);
-      const path = resolveControlPath(args);
+      const path = controlPathOf(args);
       const st = (await controlRequest(path, { op: "status" })) as StatusSnapshot;
       if (format === "json") process.stdout.write(`${JSON.stringify(st, null, 2)}\n`);
       else if (format === "prometheus") process.stdout.write(toPrometheus(st));

@@ -24,8 +24,10 @@ import { Writeback } from "../core/writeback/writeback.ts";
 import { tmpdir } from "node:os";
 
 const BIN = process.env.PCACHE_BIN ?? join(import.meta.dir, "..", "dist", "pcache");
+/** The data folder of every command here: empty unless a test puts a cache in it. */
+const DATA_HOME = mkdtempSync(join(tmpdir(), "pcache-control-xdg-"));
 /** Debian's qemu-io and tools from /usr/bin; no colors in output. */
-const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ""}`, NO_COLOR: "1" };
+const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:/bin:/sbin:${process.env.PATH ?? ""}`, NO_COLOR: "1", XDG_DATA_HOME: DATA_HOME };
 const children = new Set<Subprocess>();
 
 interface RunResult {
@@ -85,6 +87,7 @@ afterAll(async () => {
   for (const p of children) p.kill("SIGKILL");
   await Promise.allSettled([...children].map((p) => p.exited));
   rmSync(dir, { recursive: true, force: true });
+  rmSync(DATA_HOME, { recursive: true, force: true });
 });
 
 async function formatCache(path: string): Promise<void> {
@@ -399,7 +402,7 @@ describe("control socket with a running server", () => {
     writeFileSync(plain, "x");
     expectRefusal(await pcache("drain", "--control", plain), /no server is listening on/);
     expectRefusal(await pcache("gc-percent", "10", "--cache", join(dir, "no-such-cache.img")), /does not exist/);
-    expectRefusal(await pcache("status"), /--cache DEV .* or --control PATH/);
+    expectRefusal(await pcache("status"), /--cache DEV .* or --control PATH .*the data folder holds no cache/);
     expectRefusal(await pcache("status", "--cache", cache, "--format", "xml"), /--format must be text, json or prometheus/);
   }, 30_000);
 
@@ -515,4 +518,26 @@ describe("drain while writeback fails", () => {
     },
     30_000,
   );
+});
+
+describe("the data folder", () => {
+  test("status, gc-percent and drain with no --cache or --control find the server of `serve` with no devices", async () => {
+    const sock = join(dir, "data-folder.sock");
+    const proc = Bun.spawn([BIN, "serve", "--nbd", `unix:${sock}`, "--workers", "1"], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: ENV });
+    children.add(proc);
+    let out = "";
+    void drainStream(proc.stdout, (chunk) => (out += chunk));
+    const deadline = Date.now() + 20_000;
+    while (!/^control: \S+$/m.test(out) && proc.exitCode === null && Date.now() < deadline) await Bun.sleep(20);
+    const cache = join(DATA_HOME, "pcache", "cache.img");
+    expect(out).toContain(`control: ${defaultControlPath(cache)}`);
+    const st = await pcache("status", "--json");
+    expect(st.code).toBe(0);
+    expect(JSON.parse(st.stdout).gc_percent).toBe(70);
+    expect((await pcache("gc-percent", "40")).code).toBe(0);
+    expect(JSON.parse((await pcache("status", "--json")).stdout).gc_percent).toBe(40);
+    expect((await pcache("drain", "--timeout", "30")).code).toBe(0);
+    proc.kill("SIGTERM");
+    expect(await waitExit(proc, 30_000)).toBe(0);
+  }, 60_000);
 });
