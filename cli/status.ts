@@ -15,8 +15,9 @@ export const controlArgs = {
 
 /** The control socket named by --control or --cache, else the one of a server on the data folder. */
 export function controlPathOf(args: { control?: string; cache?: string }): string {
-  const named = (args.control ?? "") !== "" || (args.cache ?? "") !== "";
-  return resolveControlPath(named ? args : { cache: dataDirCache() });
+  const cache = args.cache || dataDirCache();
+  if (!args.control && !cache) fail("name the server: --cache DEV (the cache it serves) or --control PATH (its control socket); the data folder holds no cache");
+  return resolveControlPath({ control: args.control, cache });
 }
 
 export const statusCommand = defineCommand({

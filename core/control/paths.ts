@@ -48,7 +48,7 @@ export function defaultControlPath(cache_path: string): string {
 export function resolveControlPath(opts: { control?: string; cache?: string }): string {
   if (opts.control !== undefined && opts.control !== "") return checkControlPath(opts.control);
   if (opts.cache !== undefined && opts.cache !== "") return defaultControlPath(opts.cache);
-  throw new PcacheError("name the server: --cache DEV (the cache it serves) or --control PATH (its control socket); the data folder holds no cache");
+  throw new PcacheError("name the server: --cache DEV (the cache it serves) or --control PATH (its control socket)");
 }
 
 export function checkControlPath(path: string): string {

@@ -10,7 +10,8 @@ import { PcacheError } from "../errors.ts";
 import { SEG_DATA_SIZE } from "../format/constants.ts";
 import { type CacheMeta, loadCache } from "../format/load_cache.ts";
 import type { BackingDevice } from "../device/backing.ts";
-import { type WriteData, writeDataLength } from "../nbd/export.ts";
+import type { WriteData } from "../nbd/export.ts";
+import { PayloadCursor } from "../paths/payload.ts";
 import { createKeyIndexShared, KeyIndex, type KeyIndexShared, subtreesForBacking } from "../index/key_index.ts";
 import { KsetLog } from "../log/kset_log.ts";
 import { setGcPercent } from "../gc/gc_percent.ts";
@@ -158,8 +159,9 @@ export class Engine {
   }
 
   async write(off: number, data: WriteData, fua: boolean): Promise<void> {
-    this.check(off, writeDataLength(data), 28);
-    await writePath(this.ctx, off, data, fua);
+    const payload = new PayloadCursor(data);
+    this.check(off, payload.length, 28);
+    await writePath(this.ctx, off, payload, fua);
   }
 
   /** Every completed write (of any thread) durable: close every kset. */

@@ -9,7 +9,7 @@
  */
 import { PcacheError } from "../errors.ts";
 import { SUBTREE_SPAN } from "../format/constants.ts";
-import { INSERT_OK_SPARE_USED, type KeyIndex } from "../index/key_index.ts";
+import { INSERT_OK_SPARE_USED, type KeyIndex, type SortedKeys } from "../index/key_index.ts";
 
 /** Log positions within a subtree take the low 31 bits of the sort key; offsets the 22 above. */
 const LOG_INDEX_SPAN = 2 ** 31;
@@ -18,13 +18,6 @@ const INITIAL_CAPACITY = 65_536;
 /** Keys grouped by subtree (each group in log order): node ids with their offsets and lengths. */
 interface Run {
   nodes: Int32Array;
-  offs: Float64Array;
-  lens: Uint32Array;
-}
-
-/** One subtree's keys in offset order: node ids, offsets and lengths side by side. */
-interface SortedKeys {
-  ids: Int32Array;
   offs: Float64Array;
   lens: Uint32Array;
 }

@@ -79,6 +79,13 @@ export const INSERT_OK_SPARE_USED = 1;
 export const INSERT_NEED_SPARE = 2;
 export type InsertResult = typeof INSERT_OK | typeof INSERT_OK_SPARE_USED | typeof INSERT_NEED_SPARE;
 
+/** Keys in offset order for buildSorted: node ids with their offsets and lengths side by side. */
+export interface SortedKeys {
+  ids: Int32Array;
+  offs: Float64Array;
+  lens: Uint32Array;
+}
+
 /** `isStale(id)`: seg_gen[id] < the current generation of segment cache_seg_id[id]. */
 export type IsStale = (id: number) => boolean;
 
@@ -658,7 +665,7 @@ export class KeyIndex {
    */
   buildSorted(
     s: number,
-    keys: { ids: Int32Array; offs: Float64Array; lens: Uint32Array },
+    keys: SortedKeys,
     n: number,
     stack: Int32Array,
     stack_prio: Uint32Array,

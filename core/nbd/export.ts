@@ -39,6 +39,11 @@ export interface NbdExport {
 /** A WRITE payload: one buffer, or consecutive parts of it. */
 export type WriteData = Uint8Array | readonly Uint8Array[];
 
+/** The parts of a WRITE payload, in order (one buffer is one part). */
+export function writeDataParts(data: WriteData): readonly Uint8Array[] {
+  return data instanceof Uint8Array ? [data] : data;
+}
+
 /** Bytes in a WRITE payload. */
 export function writeDataLength(data: WriteData): number {
   if (data instanceof Uint8Array) return data.length;

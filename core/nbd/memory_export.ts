@@ -4,7 +4,7 @@
  * force out-of-order replies), hold them at a gate, and inject errors.
  */
 import { assert } from "../assert.ts";
-import { ERRNO, NbdExportError, type NbdExport, type WriteData, writeDataLength } from "./export.ts";
+import { ERRNO, NbdExportError, type NbdExport, type WriteData, writeDataLength, writeDataParts } from "./export.ts";
 import { STATE_HOLE, STATE_ZERO } from "./wire.ts";
 
 export type MemoryOp = "read" | "write" | "flush" | "trim" | "zero" | "cache" | "block_status";
@@ -67,7 +67,7 @@ export class MemoryExport implements NbdExport {
       this.stats.write++;
       if (fua) this.stats.fua++;
       let at = off;
-      for (const part of data instanceof Uint8Array ? [data] : data) {
+      for (const part of writeDataParts(data)) {
         this.copyIn(at, part);
         at += part.length;
       }

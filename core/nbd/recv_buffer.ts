@@ -11,6 +11,7 @@
  * Only for chunks nobody else holds: the server's sockets, never a caller's own buffers.
  */
 import { assert } from "../assert.ts";
+import { type WriteData, writeDataParts } from "./export.ts";
 
 export interface RecvBufferOptions {
   /** Detach each chunk's ArrayBuffer once it is consumed and no payload part refers to it. */
@@ -49,10 +50,9 @@ export class RecvBuffer {
   }
 
   /** Gives back the parts takeParts() returned; their chunks may be released now. */
-  releaseParts(parts: Uint8Array | readonly Uint8Array[]): void {
+  releaseParts(parts: WriteData): void {
     if (this.refs === null) return;
-    if (parts instanceof Uint8Array) this.unref(parts.buffer);
-    else for (const p of parts) this.unref(p.buffer);
+    for (const p of writeDataParts(parts)) this.unref(p.buffer);
   }
 
   /**

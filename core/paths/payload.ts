@@ -5,7 +5,7 @@
  */
 import { assert } from "../assert.ts";
 import { crc32c } from "../format/crc.ts";
-import type { WriteData } from "../nbd/export.ts";
+import { type WriteData, writeDataLength, writeDataParts } from "../nbd/export.ts";
 import type { PersistDomain } from "../persist/domain.ts";
 
 export class PayloadCursor {
@@ -16,10 +16,8 @@ export class PayloadCursor {
   private done = 0;
 
   constructor(data: WriteData) {
-    this.parts = data instanceof Uint8Array ? [data] : data;
-    let n = 0;
-    for (const p of this.parts) n += p.length;
-    this.length = n;
+    this.parts = writeDataParts(data);
+    this.length = writeDataLength(data);
   }
 
   get consumed(): number {

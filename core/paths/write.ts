@@ -15,8 +15,7 @@ import { zeroRange } from "../persist/zero.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import type { EngineContext } from "../engine/context.ts";
 import type { DataAlloc } from "../engine/segments.ts";
-import type { WriteData } from "../nbd/export.ts";
-import { PayloadCursor } from "./payload.ts";
+import type { PayloadCursor } from "./payload.ts";
 import {
   CTL_ZERO_SEG,
   LOCK_SEG_TABLE,
@@ -38,8 +37,7 @@ export function spanLeft(off: number): number {
   return SUBTREE_SPAN - (off % SUBTREE_SPAN);
 }
 
-export async function writePath(ctx: EngineContext, off: number, data: WriteData, fua: boolean): Promise<void> {
-  const payload = new PayloadCursor(data);
+export async function writePath(ctx: EngineContext, off: number, payload: PayloadCursor, fua: boolean): Promise<void> {
   const len = payload.length;
   if (len === 0) return;
   const pieces: Piece[] = [];
@@ -107,7 +105,7 @@ function tryInsertAndLog(ctx: EngineContext, p: Piece): boolean {
 
 async function insertAndLogWaiting(ctx: EngineContext, p: Piece): Promise<void> {
   for (;;) {
-    const pair = allocNodePair(ctx) ?? (await ctx.waitForNodes(() => allocNodePair(ctx)));
+    const pair = await ctx.waitForNodes(() => allocNodePair(ctx));
     if (logWithNodes(ctx, p, pair)) return;
     // The kset is full and the log had no segment to roll into: wait for GC, then retry.
     await ctx.log.closeWaiting(ctx.log.ksetIdOf(p.off), ctx.limits.space_wait_ms);
