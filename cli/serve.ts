@@ -8,6 +8,7 @@ import { Engine } from "../core/engine/engine.ts";
 import { GiB } from "../core/format/constants.ts";
 import { formatCache } from "../core/format/format_cache.ts";
 import { inspectSuperblockArea } from "../core/format/superblock.ts";
+import { BUSY_POLL_BUDGET_DEFAULT_US, BUSY_POLL_BUDGET_MAX_US } from "../core/nbd/busy_poll.ts";
 import { DEFAULT_NBD_HOST, DEFAULT_NBD_PORT, socketActivationFd } from "../core/nbd/server.ts";
 import { DATA_DIR_BACKING_FILE, DATA_DIR_CACHE_FILE, defaultDataDir } from "./data_dir.ts";
 import { type ServeRuntime, startServing } from "./serve_runtime.ts";
@@ -49,6 +50,11 @@ export const serveCommand = defineCommand({
     prefault: { type: "boolean", description: "map every page of the cache at start (about 0.8 s per GiB; a tmpfs cache then holds its whole size in memory) so first writes take no page faults", default: false },
     workers: { type: "string", description: "request worker threads (default: one per CPU core)" },
     "max-connections": { type: "string", description: "open NBD connections allowed at once, over all workers", default: "64" },
+    "busy-poll-us": {
+      type: "string",
+      description: `after a reply, spin up to this many µs for a quick client's next request instead of sleeping, only while a CPU is otherwise idle; 0..${BUSY_POLL_BUDGET_MAX_US}, 0 turns it off`,
+      default: String(BUSY_POLL_BUDGET_DEFAULT_US),
+    },
     control: { type: "string", description: "control socket for status, gc-percent and drain (default: derived from the cache path, under $XDG_RUNTIME_DIR/pcache or /tmp/pcache-UID)" },
     "log-level": { type: "string", description: "error, warn, info or debug", default: "info" },
     "log-format": { type: "string", description: "text, or json (one object per line) for machines", default: "text" },
@@ -69,6 +75,7 @@ interface ServeArgs {
   prefault: boolean;
   workers?: string;
   "max-connections": string;
+  "busy-poll-us": string;
   control?: string;
   "log-level": string;
   "log-format": string;
@@ -79,6 +86,7 @@ async function serve(args: ServeArgs): Promise<number> {
   const n_request_workers =
     args.workers === undefined ? Math.max(1, Math.min(MAX_WORKERS, navigator.hardwareConcurrency || 1)) : parseIntInRange(args.workers, "--workers", 1, MAX_WORKERS);
   const max_connections = parseIntInRange(args["max-connections"], "--max-connections", 1, MAX_CONNECTIONS);
+  const busy_poll_us = parseIntInRange(args["busy-poll-us"], "--busy-poll-us", 0, BUSY_POLL_BUDGET_MAX_US);
   const activated = args.stdin ? null : socketActivationFd();
   if (args.stdin && args.nbd !== undefined) fail("--stdin serves the client on fd 0; it cannot be combined with --nbd");
   let cache_path = args.cache;
@@ -126,7 +134,7 @@ async function serve(args: ServeArgs): Promise<number> {
         backing,
         n_request_workers,
         listen: args.stdin ? { kind: "stdin" } : activated !== null ? { kind: "fd", fd: activated } : { kind: "spec", spec: args.nbd ?? `tcp://${DEFAULT_NBD_HOST}:${DEFAULT_NBD_PORT}` },
-        request: { export_name: args.export, description: args.description, read_only: args["read-only"], max_connections },
+        request: { export_name: args.export, description: args.description, read_only: args["read-only"], max_connections, busy_poll_us },
         worker_urls: WORKER_URLS,
         control_path: args.control ?? defaultControlPath(cache_path),
       });

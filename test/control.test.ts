@@ -309,6 +309,7 @@ describe("control socket with a running server", () => {
     // seg_num and n_segs of a 512 MiB cache, one segment used (the log), gc_percent 70, empty log.
     expect(text.stdout).toMatch(/^dm-pcache status {2}0x0 31 31 1 70 0x[0-9a-f]+ 0:0 0:0 0:0$/m);
     expect(text.stdout).toMatch(/^dirty {13}0 bytes$/m);
+    expect(text.stdout).toMatch(/^busy-poll {9}0 spins, 0 found the next request, 0\.000 s of CPU$/m);
     const j = await statusJson("--control", s.control);
     expect(j.n_segs).toBe(31);
     expect(j.gc_percent).toBe(70);
@@ -317,6 +318,7 @@ describe("control socket with a running server", () => {
     expect(j.data_crc).toBe(false);
     expect(j.persistence_domain).toBe("msync");
     expect(j.dirty_bytes).toBe(0);
+    expect(j.busy_poll).toEqual({ spins: 0, hits: 0, seconds: 0 });
     expect(j.workers.map((w: { name: string; state: string }) => `${w.name}=${w.state}`).sort()).toEqual([
       "gc=running",
       "request worker 1=running",
@@ -331,6 +333,8 @@ describe("control socket with a running server", () => {
     expect(m.get('pcache_errors_total{kind="backing_write"}')).toBe(0);
     expect(m.get('pcache_worker_state{worker="writeback",role="writeback",state="running"}')).toBe(1);
     expect(m.get("pcache_dirty_bytes")).toBe(0);
+    expect(m.get("pcache_busy_poll_spins_total")).toBe(0);
+    expect(m.get("pcache_busy_poll_seconds_total")).toBe(0);
   }, 30_000);
 
   test.if(HAVE_QEMU_IO)(

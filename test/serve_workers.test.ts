@@ -183,12 +183,14 @@ h.shutdown()
     180_000,
   );
 
-  test("--workers and --max-connections are validated", () => {
+  test("--workers, --max-connections and --busy-poll-us are validated", () => {
     const dev = devices();
     for (const [flag, value, want] of [
       ["--workers", "0", /--workers: 0 is out of range \(allowed: 1\.\.64\)/],
       ["--workers", "two", /--workers: "two" is not a whole number/],
       ["--max-connections", "0", /--max-connections: 0 is out of range/],
+      ["--busy-poll-us", "1001", /--busy-poll-us: 1001 is out of range \(allowed: 0\.\.1000\)/],
+      ["--busy-poll-us", "fast", /--busy-poll-us: "fast" is not a whole number/],
     ] as const) {
       const r = Bun.spawnSync([BIN, "serve", "--cache", dev.cache, "--backing", dev.backing, "--nbd", `unix:${dev.sock}`, flag, value], { env: ENV, timeout: 10_000 });
       expect(r.exitCode).not.toBe(0);

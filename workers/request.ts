@@ -3,7 +3,15 @@
  * request worker, or the one stdin-mode client) against the shared engine.
  */
 import { EngineExport } from "../core/engine/nbd_export.ts";
-import { CTL_CONNECTIONS, STAT_READ_HIT_COUNT, STAT_READ_MISS_COUNT, STAT_WRITE_COUNT } from "../core/engine/shared_state.ts";
+import {
+  CTL_CONNECTIONS,
+  STAT_BUSY_POLL_HITS,
+  STAT_BUSY_POLL_SPINS,
+  STAT_BUSY_POLL_US,
+  STAT_READ_HIT_COUNT,
+  STAT_READ_MISS_COUNT,
+  STAT_WRITE_COUNT,
+} from "../core/engine/shared_state.ts";
 import { NbdServer, type ConnectionGate } from "../core/nbd/server.ts";
 import { attachEngine, runWorker } from "../core/threads/worker_runtime.ts";
 
@@ -36,9 +44,18 @@ runWorker(async (start, { log, post, fatal }) => {
     export_name: opts.export_name,
     description: opts.description,
     max_connections: opts.max_connections,
+    busy_poll: { budget_us: opts.busy_poll_us },
     gate,
     log: (level, msg) => log[level](msg),
   });
+  // The busy-poll counters live in the server; status reads them from shared memory.
+  const publishBusyPoll = () => {
+    const { s: st, slot } = engine.ctx;
+    const bp = server.busy_poll_stats;
+    st.setStat(slot, STAT_BUSY_POLL_SPINS, bp.spins);
+    st.setStat(slot, STAT_BUSY_POLL_HITS, bp.hits);
+    st.setStat(slot, STAT_BUSY_POLL_US, Math.round(bp.spin_ms * 1000));
+  };
   // Garbage from each request (promises, views, replies) is small, but at 150 000 requests a
   // second it piled up by hundreds of MiB between the collector's own collections. A collection
   // every 20 000 requests (or every second while serving) keeps resident memory near the
@@ -46,6 +63,7 @@ runWorker(async (start, { log, post, fatal }) => {
   let served_at_last_gc = 0;
   let last_gc_ms = performance.now();
   const gc_timer = setInterval(() => {
+    publishBusyPoll();
     const { s: st, slot } = engine.ctx;
     const served = st.statOf(slot, STAT_WRITE_COUNT) + st.statOf(slot, STAT_READ_HIT_COUNT) + st.statOf(slot, STAT_READ_MISS_COUNT);
     const now = performance.now();

@@ -104,6 +104,9 @@ function families(st: StatusSnapshot): Family[] {
     { name: "pcache_gc_wedged", type: "gauge", help: "1 while GC needs space but waits for a stuck writeback.", samples: flag(st.gc_wedged) },
     { name: "pcache_cache_full", type: "gauge", help: "1 while requests wait for a free segment.", samples: flag(st.cache_full) },
     c("pcache_deferred_requests_total", "Requests that had to wait for cache space.", st.deferred_requests),
+    c("pcache_busy_poll_spins_total", "Busy-polls for a quick client's next request after a reply.", st.busy_poll.spins),
+    c("pcache_busy_poll_hits_total", "Busy-polls that found the next request within the budget.", st.busy_poll.hits),
+    c("pcache_busy_poll_seconds_total", "CPU time spent busy-polling.", st.busy_poll.seconds),
     {
       name: "pcache_errors_total",
       type: "counter",

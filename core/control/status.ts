@@ -16,6 +16,9 @@ import {
   CTL_GC_PERCENT,
   CTL_WRITEBACK_ERROR,
   CTL_WRITEBACK_PAUSED,
+  STAT_BUSY_POLL_HITS,
+  STAT_BUSY_POLL_SPINS,
+  STAT_BUSY_POLL_US,
   STAT_DEFERRED,
   STAT_ERR_BACKING_READ,
   STAT_ERR_BACKING_WRITE,
@@ -98,6 +101,7 @@ export interface StatusSnapshot {
   gc_wedged: boolean;
   cache_full: boolean;
   deferred_requests: number;
+  busy_poll: { spins: number; hits: number; seconds: number };
   errors: { backing_read: number; backing_write: number; crc: number };
   workers: WorkerRow[];
   connections: number;
@@ -151,6 +155,7 @@ export function collectStatus(src: StatusSources): StatusSnapshot {
     gc_wedged: src.monitor.gc_wedged,
     cache_full: ctl(CTL_CACHE_FULL) !== 0,
     deferred_requests: stat(STAT_DEFERRED),
+    busy_poll: { spins: stat(STAT_BUSY_POLL_SPINS), hits: stat(STAT_BUSY_POLL_HITS), seconds: stat(STAT_BUSY_POLL_US) / 1e6 },
     errors: { backing_read: stat(STAT_ERR_BACKING_READ), backing_write: stat(STAT_ERR_BACKING_WRITE), crc: stat(STAT_ERR_CRC) },
     workers: src.workers(),
     connections: ctl(CTL_CONNECTIONS),

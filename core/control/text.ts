@@ -56,6 +56,7 @@ export function formatStatusText(st: StatusSnapshot): string {
     ["gc", `${st.gc_runs} runs, ${st.gc_segments_freed} segments freed; ${gcState(st)}`],
     ["cache full", st.cache_full ? "YES: requests wait for a free segment" : "no"],
     ["deferred", `${st.deferred_requests} requests waited for space`],
+    ["busy-poll", `${st.busy_poll.spins} spins, ${st.busy_poll.hits} found the next request, ${st.busy_poll.seconds.toFixed(3)} s of CPU`],
     ["errors", `backing read ${st.errors.backing_read}, backing write ${st.errors.backing_write}, crc ${st.errors.crc}`],
     ["workers", st.workers.map((w) => `${w.name} ${w.state}`).join(", ")],
     ["connections", String(st.connections)],

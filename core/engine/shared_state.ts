@@ -77,6 +77,10 @@ export const STAT_ERR_CRC = 13;
 export const STAT_KSETS_CLOSED = 14;
 export const STAT_FLUSHES = 15;
 export const STAT_ZERO_BYTES = 16;
+/** Busy-polls after a reply (core/nbd/busy_poll.ts), those that found the next request, µs spent. */
+export const STAT_BUSY_POLL_SPINS = 17;
+export const STAT_BUSY_POLL_HITS = 18;
+export const STAT_BUSY_POLL_US = 19;
 export const STAT_WORDS = 24;
 
 export interface SharedStateLayout {
@@ -170,6 +174,11 @@ export class SharedState {
 
   addStat(slot: number, stat: number, amount: number): void {
     this.stats[slot * STAT_WORDS + stat] += amount;
+  }
+
+  /** Sets one slot's statistic (for counters a thread keeps itself and publishes). */
+  setStat(slot: number, stat: number, value: number): void {
+    this.stats[slot * STAT_WORDS + stat] = value;
   }
 
   /** One slot's (one thread's) value of a statistic. */

@@ -12,6 +12,7 @@
  * floods requests or never reads replies is held by TCP flow control, not by our memory.
  */
 import { BufferPool } from "./buffer_pool.ts";
+import { ClientPace, type BusyPoll } from "./busy_poll.ts";
 import { Handshake, type ExportConfig, type HandshakeLimits } from "./handshake.ts";
 import type { WriteData } from "./export.ts";
 import { describeError, type NbdLogger } from "./logger.ts";
@@ -35,6 +36,8 @@ export interface NbdSocket {
   end(): void;
   pause(): void;
   resume(): void;
+  /** The socket's file descriptor, where the runtime exposes it (for the busy-poll). */
+  readonly fd?: number;
 }
 
 export interface ConnectionLimits extends HandshakeLimits {
@@ -81,6 +84,10 @@ export interface ConnectionOptions {
   label: string;
   /** Shared by the connections of one server: READ reply buffers. */
   read_pool: BufferPool;
+  /** Shared by the connections of one server; null: never busy-poll. */
+  busy_poll: BusyPoll | null;
+  /** True while this is the server's only open connection. */
+  is_only_connection: () => boolean;
 }
 
 export class NbdConnection {
@@ -122,6 +129,8 @@ export class NbdConnection {
   private is_closed = false;
   private pumping = false;
   private readonly hdr = W.newRequestHeader();
+  /** Null when busy-polling is off. */
+  private readonly pace: ClientPace | null;
 
   constructor(
     private readonly socket: NbdSocket,
@@ -129,6 +138,7 @@ export class NbdConnection {
   ) {
     this.label = opts.label;
     this.handshake = new Handshake(opts.config, opts.limits);
+    this.pace = opts.busy_poll?.enabled ? new ClientPace(opts.busy_poll) : null;
     this.closed = new Promise((resolve) => (this.resolve_closed = resolve));
   }
 
@@ -152,6 +162,7 @@ export class NbdConnection {
 
   onData(chunk: Uint8Array): void {
     if (this.is_closed || this.ended || this.phase === Phase.FINISHING) return;
+    this.pace?.onData();
     this.recv.push(chunk);
     this.pump();
   }
@@ -395,6 +406,8 @@ export class NbdConnection {
       this.drop("internal error");
     }
     this.pump();
+    // Spinning would delay the worker's other connections: only a connection alone may.
+    if (this.pace !== null && this.isIdle() && this.opts.is_only_connection()) this.pace.onIdle(this.socket.fd);
   }
 
   private enterTransmission(): void {

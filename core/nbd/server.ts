@@ -17,6 +17,7 @@ import { lstatSync, unlinkSync } from "node:fs";
 import { PcacheError } from "../errors.ts";
 import { assert } from "../assert.ts";
 import { BufferPool } from "./buffer_pool.ts";
+import { BusyPoll, type BusyPollOptions, type BusyPollStats } from "./busy_poll.ts";
 import { NbdConnection, DEFAULT_CONNECTION_LIMITS, type ConnectionLimits, type NbdSocket } from "./connection.ts";
 import type { NbdExport } from "./export.ts";
 import type { ExportConfig } from "./handshake.ts";
@@ -113,6 +114,8 @@ export interface NbdServerOptions {
   /** Connections beyond this are closed at once. Default 64. */
   max_connections?: number;
   limits?: Partial<ConnectionLimits>;
+  /** Busy-poll after replies (core/nbd/busy_poll.ts); absent or a budget of 0 never spins. */
+  busy_poll?: BusyPollOptions;
   log?: NbdLogger;
   /** A cap shared with other servers of the process (one per request worker). */
   gate?: ConnectionGate;
@@ -148,6 +151,8 @@ interface BunListener {
 const bunListen = Bun.listen as unknown as (opts: Record<string, unknown>) => BunListener;
 const bunConnect = Bun.connect as unknown as (opts: Record<string, unknown>) => Promise<BunSocket>;
 
+const NO_BUSY_POLL: BusyPollStats = Object.freeze({ spins: 0, hits: 0, spin_ms: 0 });
+
 export class NbdServer {
   private readonly config: ExportConfig;
   private readonly limits: ConnectionLimits;
@@ -162,6 +167,8 @@ export class NbdServer {
   private stopping: Promise<void> | null = null;
   /** Separate pools so a reused buffer only ever held the same kind of data (see buffer_pool.ts). */
   private readonly read_pool = new BufferPool();
+  private readonly busy_poll: BusyPoll | null;
+  private readonly is_only_connection = () => this.connections.size === 1;
 
   constructor(opts: NbdServerOptions) {
     const name = opts.export_name ?? "";
@@ -176,6 +183,7 @@ export class NbdServer {
     if (!(Number.isSafeInteger(size) && size >= 0)) throw new PcacheError("export size must be a safe integer");
     this.config = { name, description, export: opts.export, block_size_preferred: pref };
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.limits };
+    this.busy_poll = opts.busy_poll?.budget_us ? new BusyPoll(opts.busy_poll) : null;
     this.log = opts.log ?? stderrLogger("info");
     this.max_connections = opts.max_connections ?? 64;
     assert(this.max_connections >= 1, "max_connections >= 1");
@@ -186,6 +194,11 @@ export class NbdServer {
   /** Open connections (any phase). */
   get connection_count(): number {
     return this.connections.size;
+  }
+
+  /** Busy-poll counters of this server's connections (zeros when busy-polling is off). */
+  get busy_poll_stats(): Readonly<BusyPollStats> {
+    return this.busy_poll?.stats ?? NO_BUSY_POLL;
   }
 
   get listening(): ReadonlyArray<ListenInfo> {
@@ -327,6 +340,8 @@ export class NbdServer {
       log: this.log,
       label: `conn#${id}${peer}`,
       read_pool: this.read_pool,
+      busy_poll: this.busy_poll,
+      is_only_connection: this.is_only_connection,
     });
     s.data = conn;
     this.connections.add(conn);

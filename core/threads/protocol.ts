@@ -24,6 +24,8 @@ export interface RequestOptions {
   description?: string;
   read_only: boolean;
   max_connections: number;
+  /** Longest busy-poll after a reply, µs (0: off); see core/nbd/busy_poll.ts. */
+  busy_poll_us: number;
 }
 
 export interface StartMessage {
