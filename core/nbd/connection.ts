@@ -407,7 +407,7 @@ export class NbdConnection {
     }
     this.pump();
     // Spinning would delay the worker's other connections: only a connection alone may.
-    if (this.pace !== null && this.isIdle() && this.opts.is_only_connection()) this.pace.onIdle(this.socket.fd);
+    if (this.pace !== null && !this.ended && this.isIdle() && this.opts.is_only_connection()) this.pace.onIdle(this.socket.fd);
   }
 
   private enterTransmission(): void {
