@@ -15,7 +15,7 @@ import { ControlServer } from "../core/control/server.ts";
 import type { CacheDevice } from "../core/device/cache_device.ts";
 import type { FileBacking } from "../core/device/file_backing.ts";
 import { Engine } from "../core/engine/engine.ts";
-import { LOCK_FREE } from "../core/sync/lock.ts";
+import { boundLockWaits, LOCK_FREE } from "../core/sync/lock.ts";
 import type { RequestOptions, StartMessage, WorkerRole } from "../core/threads/protocol.ts";
 import { Supervisor } from "../core/threads/supervisor.ts";
 import type { LevelLogger } from "./logger.ts";
@@ -30,6 +30,12 @@ const BACKGROUND_STOP_TIMEOUT_MS = 30_000;
 const FAILED_LOCK_WAIT_MS = 2_000;
 /** If an orderly shutdown takes longer than this, exit anyway. */
 const SHUTDOWN_DEADLINE_MS = 90_000;
+/**
+ * The main thread's longest wait for a shared lock while serving (drain_start's kset closes,
+ * gc-percent, shutdown). Holders keep locks for microseconds, a log roll (zeroing a 16 MiB
+ * segment) for milliseconds: only a dead worker holds one this long.
+ */
+const MAIN_THREAD_LOCK_WAIT_MS = 10_000;
 
 export interface ServeOptions {
   log: LevelLogger;
@@ -57,6 +63,7 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
   const { log, engine, cache, backing } = opts;
   const n = opts.n_request_workers;
   const finished = Promise.withResolvers<number>();
+  boundLockWaits(MAIN_THREAD_LOCK_WAIT_MS);
   // The main thread's own slot, after the request workers' (0..n-1), writeback (n) and GC (n+1).
   const main = Engine.attach(engine.shared, cache.domain, backing, n + 2, log);
   let listening: Listening | null = null;
@@ -78,13 +85,19 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     }, SHUTDOWN_DEADLINE_MS);
     await stopRole("request", REQUEST_DRAIN_TIMEOUT_MS, "request workers stopped");
     // Writeback and GC still run here and take locks briefly; only a dead worker holds one for long.
-    const closing = !worker_failed || (await locksFreeWithin(main, FAILED_LOCK_WAIT_MS));
+    let closing = !worker_failed || (await locksFreeWithin(main, FAILED_LOCK_WAIT_MS));
     if (closing) {
-      await main.close();
-    } else {
-      // A worker died holding a lock: closing ksets could wait forever. Writes acknowledged
-      // before the last FLUSH are durable already; later ones are as after a crash.
-      log.warn("a lock is still held by a failed worker: open ksets were not closed");
+      try {
+        await main.close();
+      } catch (e) {
+        log.error(`closing the ksets failed: ${(e as Error).message}`);
+        closing = false;
+      }
+    }
+    if (!closing) {
+      // A worker died holding a lock (closing ksets could wait for ever), or closing failed.
+      // Writes acknowledged before the last FLUSH are durable already; later ones are as after a crash.
+      log.warn(worker_failed ? "a lock is still held by a failed worker: open ksets were not closed" : "open ksets were not closed");
       main.ctx.log.stopTimers();
       main.stopBackground();
     }

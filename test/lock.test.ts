@@ -1,7 +1,19 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { AssertionError } from "../core/assert.ts";
 import { createKeyIndexShared, KeyIndex, NIL } from "../core/index/key_index.ts";
-import { isLocked, LOCK_CONTENDED, LOCK_FREE, LOCK_HELD, lock, tryLock, unlock } from "../core/sync/lock.ts";
+import {
+  boundLockWaits,
+  isLocked,
+  LOCK_CONTENDED,
+  LOCK_FREE,
+  LOCK_HELD,
+  lock,
+  LockWaitError,
+  lockWithin,
+  tryLock,
+  unlock,
+} from "../core/sync/lock.ts";
+import { PcacheError } from "../core/errors.ts";
 import {
   HAS_WAIT_ASYNC,
   readWord,
@@ -57,6 +69,49 @@ describe("lock (single thread)", () => {
     expect(words[1]).toBe(LOCK_FREE);
     expect(() => unlock(words, 1)).toThrow(AssertionError);
     expect(words[0]).toBe(0);
+  });
+});
+
+describe("bounded lock waits (the main thread while serving)", () => {
+  test("lockWithin gives up on a lock whose holder never comes back, and takes it once released", () => {
+    const words = new Int32Array(new SharedArrayBuffer(8));
+    expect(lockWithin(words, 1, 50)).toBe(true);
+    unlock(words, 1);
+    words[1] = LOCK_HELD; // held by a thread that died
+    const t0 = performance.now();
+    expect(lockWithin(words, 1, 50)).toBe(false);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(49);
+    // Still held, now marked contended: the holder's unlock would notify.
+    expect(words[1]).toBe(LOCK_CONTENDED);
+    unlock(words, 1);
+    expect(lockWithin(words, 1, 50)).toBe(true);
+    expect(words[1]).toBe(LOCK_HELD);
+    unlock(words, 1);
+    expect(words[1]).toBe(LOCK_FREE);
+  });
+
+  test("with a bound, lock() throws a LockWaitError (a user-facing error) instead of hanging", () => {
+    const words = new Int32Array(new SharedArrayBuffer(8));
+    words[0] = LOCK_HELD;
+    boundLockWaits(30);
+    try {
+      let err: unknown = null;
+      try {
+        lock(words, 0);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(LockWaitError);
+      expect(err).toBeInstanceOf(PcacheError);
+      expect((err as Error).message).toMatch(/a shared lock \(word 0\) stayed held for 30 ms; did a worker fail\?/);
+      words[0] = LOCK_FREE;
+      lock(words, 0);
+      expect(words[0]).toBe(LOCK_HELD);
+      unlock(words, 0);
+    } finally {
+      boundLockWaits(Infinity);
+    }
+    expect(() => boundLockWaits(0)).toThrow(AssertionError);
   });
 });
 

@@ -25,6 +25,7 @@ import type { EngineContext } from "../core/engine/context.ts";
 import {
   CTL_CACHE_FULL,
   CTL_GC_PERCENT,
+  LOCK_CACHE_INFO,
   POS_DIRTY_TAIL,
   POS_KEY_HEAD,
   POS_KEY_TAIL,
@@ -48,6 +49,7 @@ import { type CachePos, posEqual } from "../core/log/position.ts";
 import { walkLog } from "../core/log/walk.ts";
 import type { PersistDomain } from "../core/persist/domain.ts";
 import { makeRng } from "../core/persist/sim.ts";
+import { boundLockWaits, LOCK_HELD, unlock } from "../core/sync/lock.ts";
 import { waitUntilAsync } from "../core/sync/wait_word.ts";
 import { dedupeKset } from "../core/writeback/dedupe.ts";
 import { setWritebackPaused, Writeback } from "../core/writeback/writeback.ts";
@@ -565,6 +567,25 @@ describe("gc_percent while serving", () => {
     dom.write(at, new Uint8Array([dom.view(at, 1)[0] ^ 0xff]));
     expect(loadCache(dom)).toMatchObject({ gc_percent: 44, cache_info: { slot: 1, seq: 3 } });
     h2.engine.ctx.log.stopTimers();
+  });
+
+  test("a cache_info lock held by a dead worker: a bounded caller gets a clear error, nothing changes, and it works once freed", () => {
+    const dom = freshCache();
+    const h = openHarness(dom, new MemoryBacking(16 * MiB), { nodes_max: 65_536 });
+    const locks = h.engine.ctx.s.locks;
+    locks[LOCK_CACHE_INFO] = LOCK_HELD;
+    boundLockWaits(30);
+    try {
+      expect(() => h.engine.setGcPercent(20)).toThrow(/stayed held for 30 ms; did a worker fail\?/);
+      expect(h.engine.ctx.s.ctl[CTL_GC_PERCENT]).toBe(70);
+      expect(loadCache(dom).gc_percent).toBe(70);
+      unlock(locks, LOCK_CACHE_INFO);
+      h.engine.setGcPercent(20);
+      expect(loadCache(dom).gc_percent).toBe(20);
+    } finally {
+      boundLockWaits(Infinity);
+      h.engine.ctx.log.stopTimers();
+    }
   });
 
   test("values outside 0..90 are refused with one line and change nothing", () => {

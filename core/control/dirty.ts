@@ -32,7 +32,7 @@ import {
 import { type CachePos, posEqual } from "../log/position.ts";
 import { walkLog, type WalkMeta } from "../log/walk.ts";
 import { PcacheError } from "../errors.ts";
-import { tryLock, unlock } from "../sync/lock.ts";
+import { lockWithin, unlock } from "../sync/lock.ts";
 
 export const SCAN_ATTEMPTS_MAX = 4;
 /**
@@ -41,16 +41,10 @@ export const SCAN_ATTEMPTS_MAX = 4;
  * Holders keep these locks for microseconds, so this bound is only reached in that case.
  */
 export const MAIN_LOCK_WAIT_MS = 1_000;
-const LOCK_POLL_MS = 1;
 
-/** Take words[i] within MAIN_LOCK_WAIT_MS or throw (polling: a waiter that is not queued cannot be woken). */
+/** Take words[i] within MAIN_LOCK_WAIT_MS or throw. */
 export function lockBounded(words: Int32Array, i: number): void {
-  const deadline = performance.now() + MAIN_LOCK_WAIT_MS;
-  while (!tryLock(words, i)) {
-    if (performance.now() >= deadline) throw new PcacheError(`a shared lock stayed held for ${MAIN_LOCK_WAIT_MS} ms (did a worker fail?); try again`);
-    const state = Atomics.load(words, i);
-    if (state !== 0) Atomics.wait(words, i, state, LOCK_POLL_MS);
-  }
+  if (!lockWithin(words, i, MAIN_LOCK_WAIT_MS)) throw new PcacheError(`a shared lock stayed held for ${MAIN_LOCK_WAIT_MS} ms (did a worker fail?); try again`);
 }
 
 export interface LogPositions {

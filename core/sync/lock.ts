@@ -30,6 +30,7 @@
  * under any of the above and nothing is taken under it.
  */
 import { AssertionError } from "../assert.ts";
+import { PcacheError } from "../errors.ts";
 
 /** A failed internal check (an AssertionError); callers build the message only on failure. */
 function broken(message: string): never {
@@ -47,24 +48,53 @@ export const LOCK_CONTENDED = 2;
  */
 export const LOCK_SPIN_MAX = 256;
 
+/** A lock stayed held past this thread's bound (boundLockWaits): its holder likely died. */
+export class LockWaitError extends PcacheError {
+  override name = "LockWaitError";
+}
+
+/**
+ * This thread's longest wait in lock() (Infinity: wait for ever). Module state is per thread:
+ * each worker loads its own copy. The main thread sets a bound while serving, because a worker
+ * that died holding a lock would otherwise freeze it, and with it the supervisor that has to
+ * stop the server; the workers keep waiting for ever (the supervisor stops them instead).
+ */
+let thread_wait_bound_ms = Infinity;
+
+export function boundLockWaits(ms: number): void {
+  if (!(ms > 0)) broken(`lock wait bound ${ms} must be positive`);
+  thread_wait_bound_ms = ms;
+}
+
 /** Acquire words[i], sleeping in Atomics.wait if it stays held after a short spin. */
 export function lock(words: Int32Array, i: number): void {
+  if (lockWithin(words, i, thread_wait_bound_ms)) return;
+  throw new LockWaitError(`a shared lock (word ${i}) stayed held for ${thread_wait_bound_ms} ms; did a worker fail? Try again, or see the server's log`);
+}
+
+/** Acquire words[i] within timeout_ms (Infinity: wait for ever); false, not holding it, when it stayed held. */
+export function lockWithin(words: Int32Array, i: number, timeout_ms: number): boolean {
   let state = Atomics.compareExchange(words, i, LOCK_FREE, LOCK_HELD);
-  if (state === LOCK_FREE) return;
+  if (state === LOCK_FREE) return true;
   for (let spin = 0; spin < LOCK_SPIN_MAX; spin++) {
     // Load first: a compareExchange per iteration would keep stealing the line from the holder.
     if (Atomics.load(words, i) === LOCK_FREE) {
       state = Atomics.compareExchange(words, i, LOCK_FREE, LOCK_HELD);
-      if (state === LOCK_FREE) return;
+      if (state === LOCK_FREE) return true;
     }
   }
   // Slow path. From here we always store 2, never 1: we cannot know whether other sleepers remain
   // behind us, so the next unlock must notify. One extra notify is the price of never losing one.
+  // Giving up leaves 2 behind, which only costs the holder's unlock one notify.
+  const deadline_ms = performance.now() + timeout_ms;
   if (state !== LOCK_CONTENDED) state = Atomics.exchange(words, i, LOCK_CONTENDED);
   while (state !== LOCK_FREE) {
-    Atomics.wait(words, i, LOCK_CONTENDED);
+    const left_ms = deadline_ms - performance.now();
+    if (left_ms <= 0) return false;
+    Atomics.wait(words, i, LOCK_CONTENDED, left_ms === Infinity ? undefined : left_ms);
     state = Atomics.exchange(words, i, LOCK_CONTENDED);
   }
+  return true;
 }
 
 /** Acquire words[i] if it is free right now; never waits. */
