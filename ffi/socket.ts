@@ -32,6 +32,7 @@ const sock = dlopen("libc.so.6", {
   getsockopt: { args: ["i32", "i32", "i32", "ptr", "ptr"], returns: "i32" },
   getsockname: { args: ["i32", "ptr", "ptr"], returns: "i32" },
   fcntl: { args: ["i32", "i32", "i32"], returns: "i32" },
+  poll: { args: ["ptr", "u64", "i32"], returns: "i32" },
 }).symbols;
 
 function fail(call: string, what: string): never {
@@ -161,4 +162,27 @@ export function peerUid(fd: number): number | null {
   const len = new Uint32Array([cred.byteLength]);
   if (sock.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) !== 0 || len[0] < 8) return null;
   return cred[1] >>> 0;
+}
+
+const POLLIN = 0x001;
+/** One struct pollfd { int fd; short events; short revents; }, reused by every call (one thread). */
+const pollfd = new Int32Array(2);
+const pollfd_bytes = new Uint8Array(pollfd.buffer);
+const pollfd_shorts = new Int16Array(pollfd.buffer);
+
+/**
+ * Busy-waits (poll(2) with a zero timeout, in a loop) until `fd` is readable, shows an error or
+ * hang-up (true: the event loop will see those too), or `budget_ms` has passed (false). An
+ * invalid fd also returns true (POLLNVAL), so a closed socket never costs the whole budget.
+ * core/nbd/busy_poll.ts says when this is worth it.
+ */
+export function spinUntilReadable(fd: number, budget_ms: number): boolean {
+  const deadline_ms = performance.now() + budget_ms;
+  pollfd[0] = fd;
+  pollfd_shorts[2] = POLLIN;
+  do {
+    pollfd_shorts[3] = 0;
+    if (sock.poll(pollfd_bytes, 1, 0) !== 0) return true;
+  } while (performance.now() < deadline_ms);
+  return false;
 }

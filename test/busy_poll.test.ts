@@ -8,7 +8,7 @@ import type { Socket } from "bun";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { spinUntilReadable } from "../ffi/poll.ts";
+import { spinUntilReadable } from "../ffi/socket.ts";
 import { BusyPoll, ClientPace, idleTicksOf, BUSY_POLL_BUDGET_MAX_US } from "../core/nbd/busy_poll.ts";
 import { startTestServer } from "./helpers/nbd_raw.ts";
 

@@ -31,20 +31,19 @@ import {
 } from "../engine/shared_state.ts";
 import { type CachePos, posEqual } from "../log/position.ts";
 import { walkLog, type WalkMeta } from "../log/walk.ts";
-import { PcacheError } from "../errors.ts";
-import { lockWithin, unlock } from "../sync/lock.ts";
+import { lockOrThrow, unlock } from "../sync/lock.ts";
 
 export const SCAN_ATTEMPTS_MAX = 4;
 /**
- * The main thread never waits for a shared lock without a bound: a worker that died holding one
- * would otherwise block it for good, and with it the supervisor that must stop the server.
- * Holders keep these locks for microseconds, so this bound is only reached in that case.
+ * Status reads wait at most this long for a shared lock, less than the main thread's general
+ * bound (boundLockWaits in serve): a status should answer quickly or say why. Holders keep these
+ * locks for microseconds, so this bound is only reached when a worker died holding one.
  */
 export const MAIN_LOCK_WAIT_MS = 1_000;
 
-/** Take words[i] within MAIN_LOCK_WAIT_MS or throw. */
+/** Take words[i] within MAIN_LOCK_WAIT_MS or throw a LockWaitError. */
 export function lockBounded(words: Int32Array, i: number): void {
-  if (!lockWithin(words, i, MAIN_LOCK_WAIT_MS)) throw new PcacheError(`a shared lock stayed held for ${MAIN_LOCK_WAIT_MS} ms (did a worker fail?); try again`);
+  lockOrThrow(words, i, MAIN_LOCK_WAIT_MS);
 }
 
 export interface LogPositions {

@@ -13,7 +13,7 @@
  * been quick: its last request came within the budget of the reply before it.
  */
 import { readFileSync } from "node:fs";
-import { spinUntilReadable } from "../../ffi/poll.ts";
+import { spinUntilReadable } from "../../ffi/socket.ts";
 import { assert } from "../assert.ts";
 
 /** Largest budget accepted (`serve --busy-poll-us`). */
@@ -154,7 +154,6 @@ export class ClientPace {
 
   /** Every reply is out and nothing is pending: wait a little for the next request, if worth it. */
   onIdle(fd: number | undefined): void {
-    if (!this.poll.enabled) return;
     this.idle_since_ms = this.poll.now();
     if (!this.quick || fd === undefined || fd < 0) return;
     if (!this.poll.spin(fd)) this.quick = false;

@@ -138,7 +138,7 @@ export class NbdConnection {
   ) {
     this.label = opts.label;
     this.handshake = new Handshake(opts.config, opts.limits);
-    this.pace = opts.busy_poll?.enabled ? new ClientPace(opts.busy_poll) : null;
+    this.pace = opts.busy_poll ? new ClientPace(opts.busy_poll) : null;
     this.closed = new Promise((resolve) => (this.resolve_closed = resolve));
   }
 

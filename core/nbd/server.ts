@@ -183,7 +183,8 @@ export class NbdServer {
     if (!(Number.isSafeInteger(size) && size >= 0)) throw new PcacheError("export size must be a safe integer");
     this.config = { name, description, export: opts.export, block_size_preferred: pref };
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.limits };
-    this.busy_poll = opts.busy_poll?.budget_us ? new BusyPoll(opts.busy_poll) : null;
+    // Connections get null rather than a poller that is off, so they keep no pace for nothing.
+    this.busy_poll = opts.busy_poll && opts.busy_poll.budget_us > 0 ? new BusyPoll(opts.busy_poll) : null;
     this.log = opts.log ?? stderrLogger("info");
     this.max_connections = opts.max_connections ?? 64;
     assert(this.max_connections >= 1, "max_connections >= 1");

@@ -68,8 +68,13 @@ export function boundLockWaits(ms: number): void {
 
 /** Acquire words[i], sleeping in Atomics.wait if it stays held after a short spin. */
 export function lock(words: Int32Array, i: number): void {
-  if (lockWithin(words, i, thread_wait_bound_ms)) return;
-  throw new LockWaitError(`a shared lock (word ${i}) stayed held for ${thread_wait_bound_ms} ms; did a worker fail? Try again, or see the server's log`);
+  lockOrThrow(words, i, thread_wait_bound_ms);
+}
+
+/** Acquire words[i] within timeout_ms or throw a LockWaitError. */
+export function lockOrThrow(words: Int32Array, i: number, timeout_ms: number): void {
+  if (lockWithin(words, i, timeout_ms)) return;
+  throw new LockWaitError(`a shared lock (word ${i}) stayed held for ${timeout_ms} ms; did a worker fail? Try again, or see the server's log`);
 }
 
 /** Acquire words[i] within timeout_ms (Infinity: wait for ever); false, not holding it, when it stayed held. */
