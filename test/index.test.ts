@@ -65,7 +65,7 @@ describe("key index: geometry and memory", () => {
       for (const v of Object.values(sh)) if (v instanceof SharedArrayBuffer) total += v.byteLength;
       expect(total).toBe(keyIndexBytes(ns, nm));
     }
-    expect(NODE_BYTES).toBe(68);
+    expect(NODE_BYTES).toBe(76);
   });
 
   test("the shared object survives structured clone (postMessage)", () => {

@@ -18,6 +18,7 @@ import {
   CTL_WRITEBACK_ERROR,
   CTL_WRITEBACK_PAUSED,
   STAT_WRITEBACK_BYTES,
+  STAT_WRITEBACK_SKIPPED_BYTES,
 } from "../engine/shared_state.ts";
 import { type CachePos, posEqual, posToString } from "../log/position.ts";
 import { errnoName } from "../../ffi/libc.ts";
@@ -72,7 +73,8 @@ export class StateMonitor {
 
   tick(now_ms: number): void {
     const s = this.ctx.s;
-    this.samples.push({ t_ms: now_ms, writeback_bytes: s.statTotal(STAT_WRITEBACK_BYTES) });
+    // Skipped bytes leave the dirty log as surely as written ones: both count as progress.
+    this.samples.push({ t_ms: now_ms, writeback_bytes: s.statTotal(STAT_WRITEBACK_BYTES) + s.statTotal(STAT_WRITEBACK_SKIPPED_BYTES) });
     if (this.samples.length > RATE_WINDOW_SAMPLES + 1) this.samples.shift();
     const full = Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0;
     this.watchCacheFull(full, now_ms);

@@ -34,6 +34,7 @@ import {
   STAT_WRITE_BYTES,
   STAT_WRITE_COUNT,
   STAT_WRITEBACK_BYTES,
+  STAT_WRITEBACK_SKIPPED_BYTES,
   STAT_WRITEBACK_KSETS,
   STAT_ZERO_BYTES,
 } from "../engine/shared_state.ts";
@@ -92,6 +93,8 @@ export interface StatusSnapshot {
   ksets_closed: number;
   writeback_bytes: number;
   writeback_ksets: number;
+  /** Dirty bytes left out: a later key of the same flush epoch overwrote them. */
+  writeback_skipped_bytes: number;
   writeback_rate_bytes_per_second: number;
   writeback_error_errno: number;
   writeback_paused: boolean;
@@ -146,6 +149,7 @@ export function collectStatus(src: StatusSources): StatusSnapshot {
     ksets_closed: stat(STAT_KSETS_CLOSED),
     writeback_bytes: stat(STAT_WRITEBACK_BYTES),
     writeback_ksets: stat(STAT_WRITEBACK_KSETS),
+    writeback_skipped_bytes: stat(STAT_WRITEBACK_SKIPPED_BYTES),
     writeback_rate_bytes_per_second: Math.round(src.monitor.writebackRate()),
     writeback_error_errno: ctl(CTL_WRITEBACK_ERROR),
     writeback_paused: ctl(CTL_WRITEBACK_PAUSED) !== 0,

@@ -111,6 +111,7 @@ export class Engine {
     };
     const ctx = Engine.context(shared, dom, backing, 0, opts.logger ?? quietLogger, state);
     const result = replay(ctx, meta);
+    ctx.log.epochs.start();
     return new Engine(shared, ctx, result);
   }
 
@@ -164,9 +165,9 @@ export class Engine {
     await writePath(this.ctx, off, payload, fua);
   }
 
-  /** Every completed write (of any thread) durable: close every kset. */
+  /** Every completed write (of any thread) durable: close every kset, as a flush-epoch boundary. */
   async flush(): Promise<void> {
-    await this.ctx.log.closeAll(this.ctx.limits.space_wait_ms);
+    await this.ctx.log.closeAllAsBoundary(this.ctx.limits.space_wait_ms);
     this.ctx.s.addStat(this.ctx.slot, STAT_FLUSHES, 1);
   }
 

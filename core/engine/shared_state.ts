@@ -24,6 +24,7 @@ export const WAIT_DIRTY_TAIL = 2; // dirty_tail moved (GC has work, drain progre
 export const WAIT_GC_KICK = 3; // someone wants GC to run now
 export const WAIT_KEY_TAIL = 4; // key_tail moved
 export const WAIT_CONTROL = 5; // gc_percent / pause flags changed
+export const WAIT_FLUSH_TURN = 6; // a flush recorded its boundary (core/log/flush_epochs.ts)
 export const WAIT_WORDS = 8;
 
 /** Positions (Int32 indexes into `pos`): cache_seg_id, seg_off pairs plus replica state. */
@@ -46,11 +47,23 @@ export const CTL_ZERO_SEG = 9; // zero extent (at seg_off 0 of this segment) or 
 export const CTL_WRITEBACK_ERROR = 11; // errno of the last failed backing write, 0 when healthy
 export const CTL_GC_ERROR = 12;
 export const CTL_CONNECTIONS = 13; // open NBD connections over every request worker
-export const CTL_WORDS = 16;
+/** Flush epochs (core/log/flush_epochs.ts): the last epoch begun, the last one recorded. */
+export const CTL_FLUSH_EPOCH = 16;
+export const CTL_FLUSH_RECORDED = 17;
+/** Boundary ring: entries pushed and taken (counters), and 1 once recording stopped for good. */
+export const CTL_EPOCH_RING_HEAD = 18;
+export const CTL_EPOCH_RING_TAIL = 19;
+export const CTL_EPOCH_RING_OFF = 20;
+export const CTL_WORDS = 24;
+
+/** Flush boundaries the ring holds before new ones are dropped (dropping only costs skips). */
+export const EPOCH_RING_ENTRIES = 4096;
+export const EPOCH_RING_ENTRY_WORDS = 3;
+const EPOCH_RING_WORDS = EPOCH_RING_ENTRIES * EPOCH_RING_ENTRY_WORDS;
 
 /** Per-kset words (Int32 indexes into `kset_meta`, KSET_META_WORDS per kset). */
 export const KSET_KEY_NUM = 0;
-export const KSET_EPOCH = 1; // bumped by every close, so a timer can tell its kset was closed
+export const KSET_CLOSES = 1; // bumped by every close (a key appended at count c is on media once it differs)
 export const KSET_TIMER_ARMED = 2;
 export const KSET_META_WORDS = 4;
 
@@ -81,6 +94,8 @@ export const STAT_ZERO_BYTES = 16;
 export const STAT_BUSY_POLL_SPINS = 17;
 export const STAT_BUSY_POLL_HITS = 18;
 export const STAT_BUSY_POLL_US = 19;
+/** Dirty bytes writeback left out because a later key of the same flush epoch overwrote them. */
+export const STAT_WRITEBACK_SKIPPED_BYTES = 20;
 export const STAT_WORDS = 24;
 
 export interface SharedStateLayout {
@@ -106,6 +121,7 @@ export interface SharedStateBuffers extends SharedStateLayout {
   kset_bufs: SharedArrayBuffer; // n_ksets * KSET_SIZE_MAX bytes: ksets being filled
   heads: SharedArrayBuffer;
   stats: SharedArrayBuffer;
+  epoch_ring: SharedArrayBuffer; // Int32 [cache_seg_id, seg_off, epoch] per flush boundary
 }
 
 /** Views of the shared buffers for one thread. */
@@ -124,6 +140,7 @@ export class SharedState {
   readonly kset_bufs: Uint8Array;
   readonly heads: Int32Array;
   readonly stats: Float64Array;
+  readonly epoch_ring: Int32Array;
 
   constructor(readonly buffers: SharedStateBuffers) {
     this.layout = { n_segs: buffers.n_segs, n_ksets: buffers.n_ksets, n_heads: buffers.n_heads, n_stat_slots: buffers.n_stat_slots };
@@ -140,6 +157,7 @@ export class SharedState {
     this.kset_bufs = new Uint8Array(buffers.kset_bufs);
     this.heads = new Int32Array(buffers.heads);
     this.stats = new Float64Array(buffers.stats);
+    this.epoch_ring = new Int32Array(buffers.epoch_ring);
   }
 
   static create(layout: SharedStateLayout): SharedState {
@@ -159,6 +177,7 @@ export class SharedState {
       kset_bufs: sab(KSET_SIZE_MAX * layout.n_ksets),
       heads: sab(4 * HEAD_WORDS * layout.n_heads),
       stats: sab(8 * STAT_WORDS * layout.n_stat_slots),
+      epoch_ring: sab(4 * EPOCH_RING_WORDS),
     };
     const s = new SharedState(b);
     for (let h = 0; h < layout.n_heads; h++) s.heads[h * HEAD_WORDS + HEAD_SEG] = -1;
@@ -169,7 +188,8 @@ export class SharedState {
 
   /** Bytes of shared memory besides the key index. */
   static bytesFor(layout: SharedStateLayout): number {
-    return layout.n_segs * 28 + layout.n_ksets * (KSET_SIZE_MAX + 16 + 4) + layout.n_heads * 8 + layout.n_stat_slots * STAT_WORDS * 8 + 256;
+    const fixed = 4 * (WAIT_WORDS + POS_WORDS + CTL_WORDS + EPOCH_RING_WORDS);
+    return layout.n_segs * 28 + layout.n_ksets * (KSET_SIZE_MAX + 16 + 4) + layout.n_heads * 8 + layout.n_stat_slots * STAT_WORDS * 8 + fixed;
   }
 
   addStat(slot: number, stat: number, amount: number): void {

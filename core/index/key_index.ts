@@ -24,11 +24,12 @@
  * the node it found, so deleting that node (a stale result, a key K covers) or putting K
  * in its place (K replaces T exactly, the common overwrite) needs no second search.
  *
- * Memory (see keyIndexBytes): NODE_BYTES = 68 bytes per node
+ * Memory (see keyIndexBytes): NODE_BYTES = 72 bytes per node
  *   off 8 + seg_gen 8 + len 4 + cache_seg_id 4 + seg_off 4 + flags 4 + data_crc 4
- *   + crc_seg_off 4 + crc_len 4 + ver 4 + prio 4 + the record (end 8 + two links 8),
- * plus SUBTREE_BYTES = 12 per subtree (lock word, key count, root link) and a 128-byte header.
- * A 1 TiB backing device (262,144 subtrees) with 4 M nodes takes 3 MiB + 272 MiB.
+ *   + crc_seg_off 4 + crc_len 4 + ver 4 + prio 4 + flush_epoch 4 + kset_closes 4 + the record
+ *   (end 8 + two links 8), plus SUBTREE_BYTES = 12 per subtree (lock word, key count, root link)
+ * and a 128-byte header. A 1 TiB backing device (262,144 subtrees) with 4 M nodes takes 3 MiB +
+ * 304 MiB.
  *
  * Concurrency contract:
  * * Every tree operation (ceiling, first, next, insert, remove, removeRange, purgeStale, count,
@@ -90,7 +91,7 @@ export interface SortedKeys {
 export type IsStale = (id: number) => boolean;
 
 /** Bytes per pool node (see the file comment for the breakdown). */
-export const NODE_BYTES = 68;
+export const NODE_BYTES = 76;
 /** Bytes per subtree: lock word, key count, root link. */
 export const SUBTREE_BYTES = 12;
 /** Largest pool: the links buffer (16 bytes per node) must stay under Bun's 4 GiB per view. */
@@ -143,6 +144,8 @@ export interface KeyIndexShared {
   crc_len: SharedArrayBuffer;
   ver: SharedArrayBuffer;
   prio: SharedArrayBuffer;
+  flush_epoch: SharedArrayBuffer;
+  kset_closes: SharedArrayBuffer;
 }
 
 /** Subtrees for a backing device: one per 4 MiB, at least one. */
@@ -185,6 +188,8 @@ export function createKeyIndexShared(n_subtrees: number, nodes_max: number, seed
     crc_len: new SharedArrayBuffer(n * 4),
     ver: new SharedArrayBuffer(n * 4),
     prio: new SharedArrayBuffer(n * 4),
+    flush_epoch: new SharedArrayBuffer(n * 4),
+    kset_closes: new SharedArrayBuffer(n * 4),
   };
   // Before the first touch, so the pages are huge from the start where the kernel allows it.
   for (const buf of [shared.links, shared.off, shared.len, shared.flags, shared.seg_gen, shared.cache_seg_id]) {
@@ -235,6 +240,10 @@ export class KeyIndex {
   readonly crc_len: Uint32Array;
   /** Bumped on every free. */
   readonly ver: Uint32Array;
+  /** Flush epoch current when the key was logged (core/log/flush_epochs.ts); 0 = unknown. */
+  readonly flush_epoch: Int32Array;
+  /** Closes of the key's kset before it was appended: once that count moves, the key is on media. */
+  readonly kset_closes: Int32Array;
 
   /** Lock words of the subtrees: lock(subtree_locks, subtreeLockIndex(s)). */
   readonly subtree_locks: Int32Array;
@@ -276,6 +285,8 @@ export class KeyIndex {
     this.crc_len = new Uint32Array(shared.crc_len);
     this.ver = new Uint32Array(shared.ver);
     this.prio = new Uint32Array(shared.prio);
+    this.flush_epoch = new Int32Array(shared.flush_epoch);
+    this.kset_closes = new Int32Array(shared.kset_closes);
     if (this.links.length !== NODE_WORDS * this.nodes_max + this.n_subtrees) broken("links buffer size");
     if (this.sub.length !== this.n_subtrees * SUB_WORDS) broken("subtree buffer size");
     this.subtree_locks = this.sub;
@@ -453,7 +464,7 @@ export class KeyIndex {
 
   // ---------------------------------------------------------------- node fields
 
-  /** Set the key fields of a private (allocated, not yet linked) node. Clears the CRC fields. */
+  /** Set the key fields of a private (allocated, not yet linked) node. Clears the CRC fields and the stamp. */
   setKey(id: number, off: number, len: number, cache_seg_id: number, seg_off: number, seg_gen: number, flags: number): void {
     this.off[id] = off;
     this.len[id] = len;
@@ -465,6 +476,14 @@ export class KeyIndex {
     this.data_crc[id] = 0;
     this.crc_seg_off[id] = 0;
     this.crc_len[id] = 0;
+    this.flush_epoch[id] = 0;
+    this.kset_closes[id] = 0;
+  }
+
+  /** Stamp a private node with where its key is logged: flush epoch and its kset's close count. */
+  setLogStamp(id: number, flush_epoch: number, kset_closes: number): void {
+    this.flush_epoch[id] = flush_epoch;
+    this.kset_closes[id] = kset_closes;
   }
 
   /** Attach the data CRC of the key's original extent (sets KEY_F_CRC_VALID). */
@@ -486,6 +505,8 @@ export class KeyIndex {
     this.data_crc[dst] = this.data_crc[src];
     this.crc_seg_off[dst] = this.crc_seg_off[src];
     this.crc_len[dst] = this.crc_len[src];
+    this.flush_epoch[dst] = this.flush_epoch[src];
+    this.kset_closes[dst] = this.kset_closes[src];
   }
 
   /** End of key id (off + len). */

@@ -25,7 +25,7 @@ import { encodeKeyInto, encodeKsetHeader, encodeLastKset, type KeyFields } from 
 import type { LogPos, Media } from "../engine/media.ts";
 import type { SegmentTable } from "../engine/segments.ts";
 import {
-  KSET_EPOCH,
+  KSET_CLOSES,
   KSET_KEY_NUM,
   KSET_META_WORDS,
   KSET_TIMER_ARMED,
@@ -39,16 +39,21 @@ import {
 } from "../engine/shared_state.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import { zeroRange } from "../persist/zero.ts";
+import { FlushEpochs } from "./flush_epochs.ts";
 import { waitChangeAsync } from "../sync/wait_word.ts";
 
 /** A kset is closed no later than this after its first key. */
 export const KSET_FLUSH_DELAY_MS = 1000;
+
+/** How much longer than its own close a boundary waits for an earlier one to be recorded. */
+const BOUNDARY_TURN_MARGIN_MS = 5_000;
 
 const TERMINATOR = new Uint8Array(KSET_HEADER_SIZE);
 
 export class KsetLog {
   private readonly encode_view: DataView;
   private readonly timers: Array<ReturnType<typeof setTimeout> | undefined>;
+  readonly epochs: FlushEpochs;
 
   constructor(
     private readonly s: SharedState,
@@ -60,6 +65,7 @@ export class KsetLog {
   ) {
     this.encode_view = new DataView(s.buffers.kset_bufs);
     this.timers = new Array(s.layout.n_ksets).fill(undefined);
+    this.epochs = new FlushEpochs(s);
   }
 
   get n_ksets(): number {
@@ -80,6 +86,11 @@ export class KsetLog {
 
   keyNum(kset_id: number): number {
     return this.s.kset_meta[kset_id * KSET_META_WORDS + KSET_KEY_NUM];
+  }
+
+  /** How many times the kset was closed; a key appended at count c is on media once it differs. */
+  closes(kset_id: number): number {
+    return Atomics.load(this.s.kset_meta, kset_id * KSET_META_WORDS + KSET_CLOSES);
   }
 
   isFull(kset_id: number): boolean {
@@ -128,7 +139,7 @@ export class KsetLog {
       unlock(this.s.locks, LOCK_KEY_HEAD);
     }
     this.s.kset_meta[meta + KSET_KEY_NUM] = 0;
-    this.s.kset_meta[meta + KSET_EPOCH]++;
+    Atomics.add(this.s.kset_meta, meta + KSET_CLOSES, 1);
     this.s.addStat(this.stat_slot, STAT_KSETS_CLOSED, 1);
     this.s.signal(WAIT_LOG_APPENDED);
     return true;
@@ -179,6 +190,23 @@ export class KsetLog {
     for (let id = 0; id < this.n_ksets; id++) {
       if (this.keyNum(id) === 0) continue;
       await this.closeWaiting(id, wait_ms);
+    }
+  }
+
+  /**
+   * A flush boundary (FLUSH, FUA): close every kset under a new flush epoch and record where the
+   * epoch begins (core/log/flush_epochs.ts). The boundary is recorded even when the caller gets
+   * an error, as long as the ksets closed; the record waits for earlier boundaries at most
+   * wait_ms plus a margin.
+   */
+  async closeAllAsBoundary(wait_ms: number): Promise<void> {
+    const ticket = this.epochs.begin();
+    let ok = false;
+    try {
+      await this.closeAll(wait_ms);
+      ok = true;
+    } finally {
+      await this.epochs.finish(ticket, ok, wait_ms + BOUNDARY_TURN_MARGIN_MS);
     }
   }
 

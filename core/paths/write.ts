@@ -64,25 +64,24 @@ export async function writePath(ctx: EngineContext, off: number, payload: Payloa
 }
 
 /**
- * Insert each piece's key and append it to its kset; with fua, close every kset that received
- * one before returning. Pieces not logged (on error) give back their segment reference. The
- * common case (free index nodes, room in the kset) runs without waiting on anything.
+ * Insert each piece's key and append it to its kset; with fua, end with a flush-epoch boundary
+ * (every kset closed), so writes issued after this one's reply lie in a later epoch and
+ * writeback never lets them reach the backing device before it. Pieces not logged (on error)
+ * give back their segment reference. The common case (free index nodes, room in the kset) runs
+ * without waiting on anything.
  */
 export async function logPieces(ctx: EngineContext, pieces: Piece[], fua: boolean): Promise<void> {
-  const touched = fua ? new Set<number>() : null;
   let i = 0;
   try {
     for (; i < pieces.length; i++) {
       const p = pieces[i];
       if (!tryInsertAndLog(ctx, p)) await insertAndLogWaiting(ctx, p);
-      touched?.add(ctx.log.ksetIdOf(p.off));
     }
   } catch (err) {
     for (; i < pieces.length; i++) ctx.segs.put(pieces[i].cache_seg_id);
     throw err;
   }
-  if (touched === null) return;
-  for (const kset_id of touched) await ctx.log.closeWaiting(kset_id, ctx.limits.space_wait_ms);
+  if (fua) await ctx.log.closeAllAsBoundary(ctx.limits.space_wait_ms);
 }
 
 /** Two index nodes: one for the key, one spare for a split. */
@@ -129,6 +128,8 @@ function logWithNodes(ctx: EngineContext, p: Piece, [node, spare]: [number, numb
   log.lock(kset_id);
   try {
     if (!log.isFull(kset_id) || log.close(kset_id)) {
+      // Stamped under the kset lock: a boundary that begins later closes this kset first.
+      idx.setLogStamp(node, log.epochs.current(), log.closes(kset_id));
       spare_used = idx.insert(sub, node, spare, ctx.isStale) === INSERT_OK_SPARE_USED;
       const key = { off: p.off, len: p.len, flags: p.flags, cache_seg_id: p.cache_seg_id, cache_seg_off: p.seg_off, seg_gen: p.seg_gen, data_crc: p.data_crc };
       if (log.append(kset_id, key) === KSET_KEYS_MAX) log.close(kset_id); // stays full if no room: the next appender retries

@@ -5,6 +5,9 @@
  * backing device always holds the initial image with a prefix of the log applied, at kset
  * granularity, whatever happens to the cache device.
  *
+ * Within one flush epoch, the parts of a key that a later key of the same epoch overwrote are
+ * left out (core/log/flush_epochs.ts shows why the backing device stays crash-consistent).
+ *
  * Failures never move dirty_tail: the same kset is retried with a growing delay, and the state is
  * logged once when it begins and once when it ends.
  */
@@ -28,11 +31,14 @@ import {
   STAT_ERR_BACKING_WRITE,
   STAT_WRITEBACK_BYTES,
   STAT_WRITEBACK_KSETS,
+  STAT_WRITEBACK_SKIPPED_BYTES,
   type SharedState,
   WAIT_CONTROL,
   WAIT_LOG_APPENDED,
 } from "../engine/shared_state.ts";
 import { dedupeKset, type Extent } from "./dedupe.ts";
+import { EpochCursor } from "../log/flush_epochs.ts";
+import { liveRuns } from "./superseded.ts";
 
 /** Backing writes in flight for one kset. */
 export const WRITEBACK_QD = 16;
@@ -63,9 +69,11 @@ export class Writeback {
   ) {
     // Generations change while we run: stale-ness is judged against the shared table.
     this.walk_meta = { n_segs: meta.n_segs, seg_ids: meta.seg_ids, seg_gens: ctx.s.seg_gens, data_crc: meta.data_crc };
+    this.epochs = new EpochCursor(ctx.s);
   }
 
   private readonly walk_meta: WalkMeta;
+  private readonly epochs: EpochCursor;
 
   /** Run until the engine stops. */
   async run(): Promise<void> {
@@ -95,7 +103,11 @@ export class Writeback {
     lock(s.locks, LOCK_KEY_HEAD);
     const at_head = s.pos[POS_KEY_HEAD] === dirty.cache_seg_id && s.pos[POS_KEY_HEAD + 1] === dirty.seg_off;
     unlock(s.locks, LOCK_KEY_HEAD);
-    if (at_head) return "idle";
+    if (at_head) {
+      this.epochs.caughtUp(dirty.cache_seg_id, dirty.seg_off);
+      return "idle";
+    }
+    const epoch = this.epochs.at(dirty.cache_seg_id, dirty.seg_off);
     const kset = readKsetAt(media.dom, this.walk_meta, dirty, { backing_size_bytes: media.backing_size_bytes, verify_data_crc: media.data_crc });
     if (kset.kind === "end") {
       // A closed kset between dirty_tail and key_head that does not parse: the log is damaged.
@@ -109,9 +121,10 @@ export class Writeback {
       return "progress";
     }
     try {
-      const bytes = await this.writeExtents(kset);
+      const { written, skipped } = await this.writeExtents(kset, epoch);
       await this.ctx.backing.flush();
-      s.addStat(this.ctx.slot, STAT_WRITEBACK_BYTES, bytes);
+      s.addStat(this.ctx.slot, STAT_WRITEBACK_BYTES, written);
+      s.addStat(this.ctx.slot, STAT_WRITEBACK_SKIPPED_BYTES, skipped);
     } catch (err) {
       this.noteFailure(err as Error);
       return "error";
@@ -122,31 +135,44 @@ export class Writeback {
     return "progress";
   }
 
-  private async writeExtents(kset: DecodedKset & { kind: "normal" }): Promise<number> {
+  private async writeExtents(kset: DecodedKset & { kind: "normal" }, epoch: number): Promise<{ written: number; skipped: number }> {
     const bad = kset.keys.find((k) => k.crc_ok === false);
     if (bad !== undefined) throw new Error(`data CRC mismatch in dirty key off=${bad.off} len=${bad.len} (segment ${bad.cache_seg_id})`);
+    const { idx, segs, log } = this.ctx;
+    const view = { ksetIdOf: (off: number) => log.ksetIdOf(off), closes: (id: number) => log.closes(id), segGen: (seg: number) => segs.gen(seg) };
     // Sorted by offset, so the writes in flight go out in backing order.
-    const extents = dedupeKset(kset.keys).filter((e) => (e.flags & KEY_F_CLEAN) === 0);
-    let bytes = 0;
+    const writes: Array<{ e: Extent; off: number; len: number }> = [];
+    let skipped = 0;
+    for (const e of dedupeKset(kset.keys)) {
+      if ((e.flags & KEY_F_CLEAN) !== 0) continue;
+      // Dirty data cannot be reclaimed before writeback passes it: its generation must be current.
+      if (e.seg_gen !== segs.gen(e.cache_seg_id)) fail(`dirty key off=${e.off} names a stale segment generation`);
+      let live = 0;
+      for (const r of liveRuns(idx, e, epoch, view)) {
+        writes.push({ e, off: r.off, len: r.len });
+        live += r.len;
+      }
+      skipped += e.len - live;
+    }
+    let written = 0;
     let next = 0;
     const worker = async () => {
-      while (next < extents.length) {
-        const e = extents[next++];
-        await this.writeExtent(e);
-        bytes += e.len;
+      while (next < writes.length) {
+        const w = writes[next++];
+        await this.writeRun(w.e, w.off, w.len);
+        written += w.len;
       }
     };
-    await Promise.all(Array.from({ length: Math.min(WRITEBACK_QD, extents.length) }, worker));
-    return bytes;
+    await Promise.all(Array.from({ length: Math.min(WRITEBACK_QD, writes.length) }, worker));
+    return { written, skipped };
   }
 
-  private async writeExtent(e: Extent): Promise<void> {
-    const { media, segs, backing } = this.ctx;
-    // Dirty data cannot be reclaimed before writeback passes it: its generation must be current.
-    if (e.seg_gen !== segs.gen(e.cache_seg_id)) fail(`dirty key off=${e.off} names a stale segment generation`);
-    const data = media.dom.view(media.dataOff(e.cache_seg_id, e.seg_off), e.len);
-    if (isAllZero(data)) await backing.writeZeroes(e.off, e.len);
-    else await backing.write(e.off, data);
+  /** Write [off, off + len) of extent e from its cached data. */
+  private async writeRun(e: Extent, off: number, len: number): Promise<void> {
+    const { media, backing } = this.ctx;
+    const data = media.dom.view(media.dataOff(e.cache_seg_id, e.seg_off + (off - e.off)), len);
+    if (isAllZero(data)) await backing.writeZeroes(off, len);
+    else await backing.write(off, data);
   }
 
   private advance(pos: { cache_seg_id: number; seg_off: number }): void {
