@@ -21,6 +21,8 @@ export const USAGE = `usage: ./node_modules/.bin/bun bench/run.ts [options]
   --backing-dir DIR     backing files (on disk; default /tmp)
   --shm-dir DIR         cache files (tmpfs; default /dev/shm)
   --out FILE            report (default bench/RESULTS.md)
+  --no-settle           do not wait for a server's write-back backlog (and sync) before each
+                        workload; later workloads then pay for earlier ones
   --no-build            use dist/pcache as it is`;
 
 export interface BenchArgs {
@@ -42,6 +44,7 @@ export interface BenchArgs {
   shm_dir: string;
   out: string | null;
   build: boolean;
+  settle: boolean;
   help: boolean;
 }
 
@@ -86,6 +89,7 @@ function defaults(): BenchArgs {
     shm_dir: "/dev/shm",
     out: null,
     build: true,
+    settle: true,
     help: false,
   };
 }
@@ -119,6 +123,7 @@ function applyOption(a: BenchArgs, flag: string, value: () => string): void {
   switch (flag) {
     case "--quick": a.quick = true; break;
     case "--no-build": a.build = false; break;
+    case "--no-settle": a.settle = false; break;
     case "-h": case "--help": a.help = true; break;
     case "--runtime": a.runtime_s = parseIntArg(value(), flag, 1, 3600); break;
     case "--ramp": a.ramp_s = parseIntArg(value(), flag, 0, 600); break;

@@ -114,7 +114,7 @@ async function main(): Promise<number> {
   const pcache: PcacheOptions = { bin: PCACHE_BIN, cache_size: a.cache_size, serve_args };
   await probeNbdkit();
   const workloads = WORKLOADS.filter((w) => sel.workload_ids.includes(w.id));
-  const suite: SuiteOptions = { runtime_s: a.runtime_s, ramp_s: a.ramp_s, size_bytes: a.size_bytes, read_region_bytes: a.read_region_bytes, workloads, backing_dir, shm_dir, out_dir };
+  const suite: SuiteOptions = { runtime_s: a.runtime_s, ramp_s: a.ramp_s, size_bytes: a.size_bytes, read_region_bytes: a.read_region_bytes, workloads, backing_dir, shm_dir, out_dir, settle: a.settle };
   const { servers, soak } = workloads.length > 0 ? await runServers(a, chosenServers(a, pcache), suite) : { servers: [], soak: null };
   const extra: ExtraOptions = { pcache, cache_size_bytes: a.cache_size_bytes, size_bytes: a.size_bytes, backing_dir, shm_dir, out_dir, log };
   const report: RunReport = {

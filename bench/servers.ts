@@ -39,6 +39,11 @@ export interface ServerSpec {
   /** Anything to do before starting (pcache formats its cache). */
   prepare?(ctx: ServerContext): Promise<void>;
   argv(ctx: ServerContext): string[];
+  /**
+   * Wait until the server has no background work left from earlier workloads (pcache: dirty data
+   * written back). Servers without it only get the `sync` every server gets.
+   */
+  settle?(ctx: ServerContext): Promise<void>;
   env?(ctx: ServerContext): Record<string, string | undefined>;
 }
 
@@ -50,6 +55,8 @@ export interface RunningServer {
 }
 
 const STARTUP_TIMEOUT_MS = 60_000;
+/** Longest wait for a server's backlog before a workload (pcache: 4 GiB of random 4 KiB dirty data). */
+const SETTLE_TIMEOUT_S = 300;
 const STOP_GRACE_MS = 15_000;
 
 let nbdkit_dirs: { plugins: string; filters: string } | null = null;
@@ -94,6 +101,10 @@ export function pcacheSpec(p: PcacheOptions): ServerSpec {
       if (r.code !== 0) throw new Error(`pcache format failed: ${r.stderr.trim() || r.stdout.trim()}`);
     },
     argv: (ctx) => [p.bin, "serve", "--cache", cachePath(ctx), "--backing", ctx.backing_path, "--nbd", `unix:${ctx.sock}`, ...p.serve_args],
+    async settle(ctx) {
+      const r = await runChild([p.bin, "drain", "--cache", cachePath(ctx), "--timeout", String(SETTLE_TIMEOUT_S)], (SETTLE_TIMEOUT_S + 30) * 1000);
+      if (r.code !== 0) throw new Error(`pcache drain failed: ${r.stderr.trim() || r.stdout.trim()}`);
+    },
   };
 }
 

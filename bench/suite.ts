@@ -1,7 +1,8 @@
 /**
  * One server through every workload: fresh backing file, start, prefill the read region, then
- * each workload after an untimed flush (so none starts with the previous one's dirty data
- * unflushed), with the server's CPU and (for pcache) memory sampled around it.
+ * each workload after an untimed flush and (with settle) the server's backlog drained and a
+ * `sync` (so none starts with the previous one's dirty data), with the server's CPU and (for
+ * pcache) memory sampled around it.
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -22,6 +23,8 @@ export interface SuiteOptions {
   shm_dir: string;
   /** Raw fio JSON and server logs go here (kept after the run). */
   out_dir: string;
+  /** Before each workload, wait for the server's background work and `sync` (untimed). */
+  settle: boolean;
 }
 
 export interface WorkloadResult {
@@ -31,7 +34,10 @@ export interface WorkloadResult {
   wall_s: number;
   other_cpu_pct: number;
   steal_pct: number;
-  /** Seconds the untimed flush before the workload took (a write-back cache's backlog). */
+  /**
+   * Seconds the untimed flush before the workload took, plus (with settle) the wait for the
+   * server's backlog and a `sync`: the earlier workloads' write-back.
+   */
   settle_s: number | null;
   /**
    * pcache logged "cache full" during the workload: writes waited for writeback and GC, so the
@@ -92,9 +98,17 @@ function cacheFullSince(log_path: string | null, from: number): boolean {
   return readFileSync(log_path).subarray(from).toString("utf8").includes("cache full began");
 }
 
-async function measureWorkload(s: RunningServer, w: Workload, o: SuiteOptions, dir: string, log_path: string | null): Promise<WorkloadResult> {
+async function measureWorkload(s: RunningServer, ctx: ServerContext, w: Workload, o: SuiteOptions, dir: string): Promise<WorkloadResult> {
   if (!serverAlive(s)) return blankResult("server exited");
-  const settle_s = await nbdFlush(s.uri);
+  const log_path = ctx.log_path;
+  const t0 = performance.now();
+  const flushed = await nbdFlush(s.uri);
+  if (o.settle) {
+    // Each workload starts from a quiet server and disk: no earlier workload's backlog in it.
+    if (s.spec.settle) await s.spec.settle(ctx);
+    await runChild(["sync"], 300_000);
+  }
+  const settle_s = flushed === null ? null : (performance.now() - t0) / 1000;
   const log_from = logLength(log_path);
   const a = cpuSnapshot(s.pid);
   let numbers: FioNumbers | null = null;
@@ -163,7 +177,7 @@ export async function runSuite(spec: ServerSpec, o: SuiteOptions, hooks: SuiteHo
     s = await startServer(spec, ctx);
     hooks.log(`${spec.name}: ready (pid ${s.pid})`);
     sampleMemory(r, s, "start");
-    await runWorkloads(s, r, o, dir, hooks);
+    await runWorkloads(s, ctx, r, o, dir, hooks);
     if (hooks.beforeStop) await hooks.beforeStop(s, r);
   } catch (err) {
     r.status = "failed";
@@ -184,7 +198,7 @@ export async function runSuite(spec: ServerSpec, o: SuiteOptions, hooks: SuiteHo
   return r;
 }
 
-async function runWorkloads(s: RunningServer, r: ServerResult, o: SuiteOptions, dir: string, hooks: SuiteHooks): Promise<void> {
+async function runWorkloads(s: RunningServer, ctx: ServerContext, r: ServerResult, o: SuiteOptions, dir: string, hooks: SuiteHooks): Promise<void> {
   const order = executionOrder(o.workloads);
   if (order.some((w) => w.cached_read)) {
     try {
@@ -194,7 +208,7 @@ async function runWorkloads(s: RunningServer, r: ServerResult, o: SuiteOptions, 
     }
   }
   for (const w of order) {
-    const res = await measureWorkload(s, w, o, dir, r.log_path);
+    const res = await measureWorkload(s, ctx, w, o, dir);
     r.workloads[w.id] = res;
     sampleMemory(r, s, w.id);
     const n = res.numbers;

@@ -68,7 +68,9 @@ async function drain(path: string, timeout_ms: number, stall_ms: number): Promis
     const p = (await controlRequest(path, { op: "drain_progress", target: start.target })) as DrainProgress;
     const now = performance.now();
     if (p.reached) {
-      out.finish(`drained: dirty_tail reached ${target} (${formatBytes(start.left_bytes ?? 0)} written back in ${((now - t0) / 1000).toFixed(1)} s)`);
+      // The amount is unknown when the log moved under every count at the start.
+      const what = start.left_bytes === null ? "the dirty data" : formatBytes(start.left_bytes);
+      out.finish(`drained: dirty_tail reached ${target} (${what} written back in ${((now - t0) / 1000).toFixed(1)} s)`);
       return 0;
     }
     if (p.dirty_tail !== last_tail) {

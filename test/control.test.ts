@@ -75,6 +75,7 @@ async function waitExit(p: Subprocess, wait_ms: number): Promise<number | null> 
 const have = (bin: string) => Bun.which(bin, { PATH: ENV.PATH }) !== null;
 
 const MiB = 1024 * 1024;
+const KiB = 1024;
 const dir = mkdtempSync(join(existsSync("/dev/shm") ? "/dev/shm" : tmpdir(), "pcache-control-"));
 const HAVE_QEMU_IO = have("qemu-io");
 if (!HAVE_QEMU_IO) console.warn("\n!!!!! SKIPPING control tests that need qemu-io: it is not installed !!!!!\n");
@@ -379,6 +380,34 @@ describe("control socket with a running server", () => {
       expect(j.writeback_bytes).toBe(4 * MiB);
       const on_backing = await Bun.file(backing).slice(0, 4 * MiB).bytes();
       expect(on_backing.every((b) => b === 0x5a)).toBe(true);
+    },
+    30_000,
+  );
+
+  test.if(HAVE_QEMU_IO)(
+    "an overwrite within one flush epoch is never written back; the bytes left out show in status, the backing file gets the last version",
+    async () => {
+      await controlRequest(s.control, { op: "writeback_pause", paused: true });
+      // 130 blocks written twice with no flush between (qemu-io in writeback mode flushes once,
+      // when it closes; in its default writethrough mode every write is FUA, a boundary): the
+      // first round's kset fills and closes, so the second round overwrites keys on media.
+      const blocks = Array.from({ length: 130 }, (_, i) => 8 * MiB + i * 4 * KiB);
+      const cmds = [...blocks.map((o) => `write -P 0x11 ${o} 4k`), ...blocks.map((o) => `write -P 0x22 ${o} 4k`)];
+      const io = await run(["qemu-io", "-f", "raw", "-t", "writeback", ...cmds.flatMap((c) => ["-c", c]), s.uri], 60_000);
+      expect(io.code).toBe(0);
+      const before = await statusJson("--cache", cache);
+      await controlRequest(s.control, { op: "writeback_pause", paused: false });
+      const d = await pcache("drain", "--cache", cache, "--timeout", "20");
+      expect(d.code).toBe(0);
+      const j = await statusJson("--cache", cache);
+      expect(j.writeback_skipped_bytes - before.writeback_skipped_bytes).toBe(130 * 4 * KiB);
+      expect(j.writeback_bytes - before.writeback_bytes).toBe(130 * 4 * KiB);
+      const m = parsePrometheus((await pcache("status", "--cache", cache, "--format", "prometheus")).stdout);
+      expect(m.get("pcache_writeback_skipped_bytes_total")).toBe(j.writeback_skipped_bytes);
+      const text = await pcache("status", "--cache", cache);
+      expect(text.stdout).toMatch(/^overwritten {7}520\.0 KiB of dirty data replaced within its flush epoch, never written back$/m);
+      const on_backing = await Bun.file(backing).slice(8 * MiB, 8 * MiB + 130 * 4 * KiB).bytes();
+      expect(on_backing.every((b) => b === 0x22)).toBe(true);
     },
     30_000,
   );

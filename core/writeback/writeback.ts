@@ -1,12 +1,13 @@
 /**
  * Writeback (reference §2.9): from dirty_tail, one kset at a time in log order. The dirty extents
  * of a kset (deduplicated, later keys win) go to the backing device with several writes in
- * flight; then the backing device is flushed; only then is the new dirty_tail persisted. So the
- * backing device always holds the initial image with a prefix of the log applied, at kset
- * granularity, whatever happens to the cache device.
+ * flight; then the backing device is flushed; only then is the new dirty_tail persisted.
  *
- * Within one flush epoch, the parts of a key that a later key of the same epoch overwrote are
- * left out (core/log/flush_epochs.ts shows why the backing device stays crash-consistent).
+ * Within one flush epoch, the parts of a key that a later key of the same epoch (already on
+ * media) overwrote are left out. So whatever happens to the cache device, the backing device
+ * holds the initial image with every earlier epoch of the log applied and a subset of the
+ * current one, and at each flush boundary exactly the prefix of the log up to it
+ * (core/log/flush_epochs.ts shows why that is crash-consistent).
  *
  * Failures never move dirty_tail: the same kset is retried with a growing delay, and the state is
  * logged once when it begins and once when it ends.
