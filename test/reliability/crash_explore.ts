@@ -28,7 +28,7 @@ import { type CachePos, posToString } from "../../core/log/position.ts";
 import { makeRng, SimDomain } from "../../core/persist/sim.ts";
 import { type Harness, openHarness, pattern } from "../helpers/engine_harness.ts";
 import { CacheMemory, CrashBacking, RecordingSim, tiled } from "./crash_devices.ts";
-import { BackingOracle, Contract, describeOp, firstDiff, type Op, planWorkload, tailOrderProblem } from "./crash_workload.ts";
+import { BackingOracle, BURST_BLOCKS, Contract, describeOp, firstDiff, type Op, planWorkload, tailOrderProblem } from "./crash_workload.ts";
 
 export const BACKING_BYTES = 8 * MiB;
 /** Bounds on the post-crash drain (a kset per step; far more than any workload closes). */
@@ -191,6 +191,7 @@ class CaseRun {
     this.oracle = new BackingOracle(initial, start);
     this.trace(`log starts at ${posToString(start)}; ${plan.length} ops; crash point: ${describePoint(this.point)}`);
     let h = open(dom, backing);
+    this.oracle.boundaryAt(h); // the engine starts epoch 1 at key_head
     const fence0 = dom.fence_count;
     const write0 = dom.write_count;
     if (this.point.barrier !== undefined) dom.crash_at_fence = fence0 + this.point.barrier;
@@ -238,6 +239,17 @@ class CaseRun {
         const i = c.issue(op.off, data);
         await e.write(op.off, data, op.fua);
         c.acked(i, op.fua);
+        if (op.fua) this.oracle!.boundaryAt(h);
+        return h;
+      }
+      case "burst": {
+        for (let w = 0; w < op.n; w++) {
+          const off = op.off + 4096 * ((w * 7 + n) % BURST_BLOCKS);
+          const data = pattern(4096, this.seed * 7919 + n * 1000 + w + 1);
+          const i = c.issue(off, data);
+          await e.write(off, data, false);
+          c.acked(i, false);
+        }
         return h;
       }
       case "zero":
@@ -246,11 +258,13 @@ class CaseRun {
         if (op.kind === "zero") await e.writeZeroes(op.off, op.len, { fua: op.fua });
         else await e.trim(op.off, op.len, op.fua);
         c.acked(i, op.fua);
+        if (op.fua) this.oracle!.boundaryAt(h);
         return h;
       }
       case "flush":
         await e.flush();
         c.flushed();
+        this.oracle!.boundaryAt(h);
         return h;
       case "read": {
         const got = new Uint8Array(op.len);
@@ -272,10 +286,13 @@ class CaseRun {
         h.gc.collect();
         h.gc.prune();
         return h;
-      case "restart":
+      case "restart": {
         await e.close();
         c.flushed(); // a clean shutdown closes every kset
-        return open(h.dom, h.backing);
+        const next = open(h.dom, h.backing);
+        this.oracle!.boundaryAt(next); // the engine starts a new epoch at key_head
+        return next;
+      }
     }
   }
 

@@ -25,12 +25,15 @@ import type { Harness } from "../helpers/engine_harness.ts";
 export type Op =
   | { kind: "write" | "zero" | "trim"; off: number; len: number; fua: boolean }
   | { kind: "read"; off: number; len: number }
+  /** n 4 KiB writes (no FUA) over 32 blocks at off: ksets close inside one flush epoch. */
+  | { kind: "burst"; off: number; n: number }
   | { kind: "writeback"; steps: number }
   | { kind: "flush" | "gc" | "restart" };
 
 /** Cumulative weights of the operations (out of 100). */
 const MIX: Array<[Op["kind"], number]> = [
-  ["write", 34],
+  ["write", 31],
+  ["burst", 34],
   ["zero", 39],
   ["trim", 44],
   ["flush", 54],
@@ -39,6 +42,9 @@ const MIX: Array<[Op["kind"], number]> = [
   ["gc", 96],
   ["restart", 100],
 ];
+
+/** Blocks a burst writes over (each several times). */
+export const BURST_BLOCKS = 32;
 
 /** A length: mostly small and unaligned, some 4 KiB multiples, a few large (crossing 4 MiB). */
 function pickRange(rng: () => number, device_bytes: number): { off: number; len: number } {
@@ -63,6 +69,12 @@ export function planWorkload(seed: number, ops: number, device_bytes: number): O
     const kind = MIX.find(([, w]) => r < w)![0];
     if (kind === "write" || kind === "zero" || kind === "trim") {
       plan.push({ kind, ...pickRange(rng, device_bytes), fua: rng() < 0.25 });
+    } else if (kind === "burst") {
+      // 32 blocks inside one 4 MiB region, so every write goes to the same kset.
+      const span = BURST_BLOCKS * 4096;
+      const region = Math.floor(rng() * Math.max(1, Math.floor(device_bytes / SUBTREE_SPAN))) * SUBTREE_SPAN;
+      const room = Math.min(SUBTREE_SPAN, device_bytes - region) - span;
+      plan.push({ kind, off: region + 4096 * Math.floor((rng() * Math.max(0, room)) / 4096), n: 140 + Math.floor(rng() * 120) });
     } else if (kind === "read") {
       plan.push({ kind, ...pickRange(rng, device_bytes) });
     } else if (kind === "writeback") {
@@ -82,6 +94,8 @@ export function describeOp(op: Op): string {
       return `${op.kind} ${op.off}+${op.len}${op.fua ? " fua" : ""}`;
     case "read":
       return `read ${op.off}+${op.len}`;
+    case "burst":
+      return `burst of ${op.n} 4 KiB writes over ${op.off}+${BURST_BLOCKS * 4096}`;
     case "writeback":
       return `writeback ${op.steps} step(s)`;
     default:
@@ -173,23 +187,64 @@ interface WrittenKset {
   writes: Array<{ off: number; data: Uint8Array }>;
 }
 
-/** What the backing device must hold: every completed kset applied, and the one in flight. */
+/**
+ * What the backing device must hold: every completed kset applied, and the one in flight, except
+ * that inside a flush epoch a byte may still hold an earlier value of that epoch (writeback
+ * skips versions a later key of the epoch overwrote; core/log/flush_epochs.ts).
+ */
 export class BackingOracle {
   readonly done: Uint8Array;
   in_flight: WrittenKset | null = null;
   tail: CachePos;
   ksets = 0;
   log_rolls = 0;
+  /** Flush boundaries (key_head after a FLUSH, a FUA write or a start) writeback has not reached. */
+  private readonly boundaries = new Set<string>();
+  /** The image when writeback entered the current epoch, and the ksets it completed since. */
+  private epoch_base: Uint8Array;
+  private epoch_writes: Array<{ off: number; data: Uint8Array }> = [];
 
   constructor(initial: Uint8Array, dirty_tail: CachePos) {
     this.done = initial.slice();
     this.tail = dirty_tail;
+    this.epoch_base = initial.slice();
+  }
+
+  /** A boundary was recorded at key_head (call right after the flush, FUA write or start). */
+  boundaryAt(h: Harness): void {
+    const s = h.engine.ctx.s;
+    this.boundaries.add(posToString({ cache_seg_id: s.pos[POS_KEY_HEAD], seg_off: s.pos[POS_KEY_HEAD + 1] }));
+  }
+
+  /** Writeback is at pos: a boundary there starts a new epoch. */
+  private enter(pos: CachePos): void {
+    if (!this.boundaries.delete(posToString(pos))) return;
+    this.epoch_base = this.done.slice();
+    this.epoch_writes = [];
+  }
+
+  /** Byte b may hold v: its value when the epoch began, or one written in the epoch so far. */
+  private allowed(b: number, v: number, extra: WrittenKset | null): boolean {
+    if (this.epoch_base[b] === v) return true;
+    const lists = extra === null ? [this.epoch_writes] : [this.epoch_writes, extra.writes];
+    for (const list of lists) for (const w of list) if (b >= w.off && b < w.off + w.data.length && w.data[b - w.off] === v) return true;
+    return false;
+  }
+
+  /** First byte of backing that is neither as `want` nor allowed by the epoch, described. */
+  private epochDiff(backing: Uint8Array, want: Uint8Array, what: string, extra: WrittenKset | null): string | null {
+    if (firstDiff(backing, want, what) === null) return null;
+    for (let b = 0; b < backing.length; b++) {
+      if (backing[b] !== want[b] && !this.allowed(b, backing[b], extra)) return `${what}: byte ${b} is ${backing[b]}, expected ${want[b]} or a value of its flush epoch`;
+    }
+    return null;
   }
 
   /** Before a writeback step: note the kset at dirty_tail as the one being written back. */
   peek(h: Harness): void {
     const { s, media } = h.engine.ctx;
     const pos = { cache_seg_id: s.pos[POS_DIRTY_TAIL], seg_off: s.pos[POS_DIRTY_TAIL + 1] };
+    this.enter(pos);
     const walk_meta = { n_segs: h.engine.meta.n_segs, seg_ids: h.engine.meta.seg_ids, seg_gens: s.seg_gens, data_crc: false };
     const k = readKsetAt(media.dom, walk_meta, pos, { backing_size_bytes: h.engine.size_bytes });
     if (k.kind === "end") {
@@ -209,6 +264,7 @@ export class BackingOracle {
     if (k === null) return `writeback made progress with no kset at dirty_tail ${posToString(this.tail)}`;
     if (!posEqual(now, k.end)) return `writeback moved dirty_tail to ${posToString(now)}, expected ${posToString(k.end)}`;
     for (const w of k.writes) this.done.set(w.data, w.off);
+    this.epoch_writes.push(...k.writes);
     if (k.writes.length === 0) this.log_rolls++;
     else this.ksets++;
     this.tail = k.end;
@@ -220,13 +276,17 @@ export class BackingOracle {
   check(backing: Uint8Array, dirty_tail: CachePos): string | null {
     const k = this.in_flight;
     if (posEqual(dirty_tail, this.tail)) {
+      // At a boundary the epoch before is whole: nothing of it may be missing.
+      if (k === null) this.enter(this.tail);
       // Nothing past dirty_tail may be complete, but the kset at it may be partly written.
-      if (k === null || !posEqual(k.pos, this.tail)) return firstDiff(backing, this.done, "backing vs written-back prefix");
+      if (k === null || !posEqual(k.pos, this.tail)) return this.epochDiff(backing, this.done, "backing vs written-back prefix", null);
       const after = this.done.slice();
       for (const w of k.writes) after.set(w.data, w.off);
       if (firstDiff(backing, this.done, "") === null || firstDiff(backing, after, "") === null) return null;
       for (let b = 0; b < backing.length; b++) {
-        if (backing[b] !== this.done[b] && backing[b] !== after[b]) return `backing byte ${b} is ${backing[b]}: neither before (${this.done[b]}) nor after (${after[b]}) the kset at dirty_tail`;
+        if (backing[b] !== this.done[b] && backing[b] !== after[b] && !this.allowed(b, backing[b], k)) {
+          return `backing byte ${b} is ${backing[b]}: neither before (${this.done[b]}) nor after (${after[b]}) the kset at dirty_tail, nor a value of its flush epoch`;
+        }
       }
       return null;
     }
@@ -234,7 +294,9 @@ export class BackingOracle {
       // dirty_tail was persisted past the kset: all of it must be on the backing device.
       const after = this.done.slice();
       for (const w of k.writes) after.set(w.data, w.off);
-      return firstDiff(backing, after, "backing vs prefix including the kset before dirty_tail");
+      const what = "backing vs prefix including the kset before dirty_tail";
+      // Right at a boundary the epoch is whole; inside one, earlier values of it are allowed.
+      return this.boundaries.has(posToString(k.end)) ? firstDiff(backing, after, what) : this.epochDiff(backing, after, what, k);
     }
     return `persisted dirty_tail ${posToString(dirty_tail)} is neither ${posToString(this.tail)} nor the end of the kset in flight${k ? ` (${posToString(k.end)})` : ""}`;
   }
