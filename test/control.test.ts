@@ -320,6 +320,8 @@ describe("control socket with a running server", () => {
     expect(j.persistence_domain).toBe("msync");
     expect(j.dirty_bytes).toBe(0);
     expect(j.busy_poll).toEqual({ spins: 0, hits: 0, seconds: 0 });
+    expect(j.flush_epochs_tracked).toBe(true);
+    expect(j.writeback_skipped_bytes).toBe(0);
     expect(j.workers.map((w: { name: string; state: string }) => `${w.name}=${w.state}`).sort()).toEqual([
       "gc=running",
       "request worker 1=running",
@@ -336,6 +338,8 @@ describe("control socket with a running server", () => {
     expect(m.get("pcache_dirty_bytes")).toBe(0);
     expect(m.get("pcache_busy_poll_spins_total")).toBe(0);
     expect(m.get("pcache_busy_poll_seconds_total")).toBe(0);
+    expect(m.get("pcache_flush_epochs_tracked")).toBe(1);
+    expect(m.get("pcache_writeback_skipped_bytes_total")).toBe(0);
   }, 30_000);
 
   test.if(HAVE_QEMU_IO)(

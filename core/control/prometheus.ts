@@ -96,6 +96,7 @@ function families(st: StatusSnapshot): Family[] {
     c("pcache_writeback_bytes_total", "Bytes written back to the backing device.", st.writeback_bytes),
     c("pcache_writeback_ksets_total", "Ksets written back.", st.writeback_ksets),
     c("pcache_writeback_skipped_bytes_total", "Dirty bytes not written back because a later write of the same flush epoch replaced them.", st.writeback_skipped_bytes),
+    g("pcache_flush_epochs_tracked", "1 while flush epochs are tracked (writeback may skip overwritten versions), 0 after tracking stopped.", st.flush_epochs_tracked ? 1 : 0),
     g("pcache_writeback_rate_bytes_per_second", "Writeback rate over the last 10 seconds.", st.writeback_rate_bytes_per_second),
     g("pcache_writeback_error_errno", "errno of the failing backing write; 0 when writeback is healthy.", st.writeback_error_errno),
     g("pcache_writeback_paused", "1 while writeback is paused (test hook).", st.writeback_paused ? 1 : 0),

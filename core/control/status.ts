@@ -16,6 +16,7 @@ import {
   CTL_GC_PERCENT,
   CTL_WRITEBACK_ERROR,
   CTL_WRITEBACK_PAUSED,
+  CTL_EPOCH_RING_OFF,
   STAT_BUSY_POLL_HITS,
   STAT_BUSY_POLL_SPINS,
   STAT_BUSY_POLL_US,
@@ -95,6 +96,11 @@ export interface StatusSnapshot {
   writeback_ksets: number;
   /** Dirty bytes left out: a later key of the same flush epoch overwrote them. */
   writeback_skipped_bytes: number;
+  /**
+   * False once a flush waited too long for an earlier one to record its boundary (its thread
+   * gone): writeback then stops skipping for good, until a restart (core/log/flush_epochs.ts).
+   */
+  flush_epochs_tracked: boolean;
   writeback_rate_bytes_per_second: number;
   writeback_error_errno: number;
   writeback_paused: boolean;
@@ -150,6 +156,7 @@ export function collectStatus(src: StatusSources): StatusSnapshot {
     writeback_bytes: stat(STAT_WRITEBACK_BYTES),
     writeback_ksets: stat(STAT_WRITEBACK_KSETS),
     writeback_skipped_bytes: stat(STAT_WRITEBACK_SKIPPED_BYTES),
+    flush_epochs_tracked: ctl(CTL_EPOCH_RING_OFF) === 0,
     writeback_rate_bytes_per_second: Math.round(src.monitor.writebackRate()),
     writeback_error_errno: ctl(CTL_WRITEBACK_ERROR),
     writeback_paused: ctl(CTL_WRITEBACK_PAUSED) !== 0,

@@ -53,7 +53,11 @@ export function formatStatusText(st: StatusSnapshot): string {
     ["reads", `hits ${st.read_hits} (${formatBytes(st.read_hit_bytes)}), misses ${st.read_misses} (${formatBytes(st.read_miss_bytes)})`],
     ["writes", `${st.writes} (${formatBytes(st.written_bytes)}), zeroed ${formatBytes(st.zeroed_bytes)}, flushes ${st.flushes}, ksets closed ${st.ksets_closed}`],
     ["writeback", `${formatBytes(st.writeback_bytes)} in ${st.writeback_ksets} ksets, ${formatBytes(st.writeback_rate_bytes_per_second)}/s; ${writebackState(st)}`],
-    ["overwritten", `${formatBytes(st.writeback_skipped_bytes)} of dirty data replaced within its flush epoch, never written back`],
+    [
+      "overwritten",
+      `${formatBytes(st.writeback_skipped_bytes)} of dirty data replaced within its flush epoch, never written back` +
+        (st.flush_epochs_tracked ? "" : "; epoch tracking stopped (a flush never recorded its boundary): every version is written back until a restart"),
+    ],
     ["gc", `${st.gc_runs} runs, ${st.gc_segments_freed} segments freed; ${gcState(st)}`],
     ["cache full", st.cache_full ? "YES: requests wait for a free segment" : "no"],
     ["deferred", `${st.deferred_requests} requests waited for space`],
