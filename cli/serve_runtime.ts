@@ -10,9 +10,7 @@
  * removed. A second signal exits at once; what was acknowledged before a FLUSH is durable either way.
  */
 import { controlHandler } from "../core/control/handlers.ts";
-import { keysScanned } from "../core/control/dirty.ts";
 import { StateMonitor } from "../core/control/monitor.ts";
-import { collectWhileBusy } from "../core/threads/collect.ts";
 import { ControlServer } from "../core/control/server.ts";
 import type { CacheDevice } from "../core/device/cache_device.ts";
 import type { FileBacking } from "../core/device/file_backing.ts";
@@ -71,8 +69,6 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
   let listening: Listening | null = null;
   let control: ControlServer | null = null;
   const monitor = new StateMonitor(main.ctx, log);
-  // Status and drain walk the dirty log on this thread, decoding every key.
-  const collect_timer = collectWhileBusy(keysScanned);
   let stopping = false;
   let started = false;
   let worker_failed = false;
@@ -83,7 +79,6 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     log.info(`${reason}: stopping`);
     control?.close();
     monitor.stop();
-    clearInterval(collect_timer);
     const deadline = setTimeout(() => {
       log.error(`shutdown did not finish within ${SHUTDOWN_DEADLINE_MS} ms; exiting (acknowledged flushed writes are safe)`);
       process.exit(code === 0 ? EXIT_INTERNAL : code);
@@ -182,7 +177,6 @@ export async function startServing(opts: ServeOptions): Promise<ServeRuntime> {
     listening?.close();
     control?.close();
     monitor.stop();
-    clearInterval(collect_timer);
     throw err;
   }
   started = true;

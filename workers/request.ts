@@ -16,6 +16,7 @@ import {
   STAT_WRITE_COUNT,
 } from "../core/engine/shared_state.ts";
 import { NbdServer, type ConnectionGate } from "../core/nbd/server.ts";
+import { collectPeriodically } from "../core/threads/collect.ts";
 import { attachEngine, runWorker } from "../core/threads/worker_runtime.ts";
 
 /** How often the worker looks at its counters to decide on a collection. */
@@ -26,6 +27,8 @@ const GC_EVERY_REQUESTS = 20_000;
 const GC_EVERY_BYTES = 64 * 1024 * 1024;
 /** ...or once a second while any were. */
 const GC_INTERVAL_MS = 1000;
+/** How often the busy-poll counters are copied to shared memory for status. */
+const BUSY_POLL_PUBLISH_MS = 100;
 
 runWorker(async (start, { log, post, fatal }) => {
   const opts = start.request;
@@ -53,41 +56,30 @@ runWorker(async (start, { log, post, fatal }) => {
     gate,
     log: (level, msg) => log[level](msg),
   });
+  const { s: st, slot } = engine.ctx;
   // The busy-poll counters live in the server; status reads them from shared memory.
   const publishBusyPoll = () => {
-    const { s: st, slot } = engine.ctx;
     const bp = server.busy_poll_stats;
     st.setStat(slot, STAT_BUSY_POLL_SPINS, bp.spins);
     st.setStat(slot, STAT_BUSY_POLL_HITS, bp.hits);
     st.setStat(slot, STAT_BUSY_POLL_US, Math.round(bp.spin_ms * 1000));
   };
+  const publish_timer = setInterval(publishBusyPoll, BUSY_POLL_PUBLISH_MS);
+  publish_timer.unref();
   // Garbage from each request (promises, views, replies) is small, but at 150 000 requests a
   // second it piled up by hundreds of MiB between the collector's own collections; so did the
-  // received chunks of 1 MiB writes at 1.6 GiB/s (RssAnon 875 MiB). A collection every 20 000
-  // requests or 64 MiB of payload (or every second while serving) keeps resident memory near
-  // the README's bound for about 1 ms each; a worker that served nothing since skips it.
-  let served_at_last_gc = 0;
-  let bytes_at_last_gc = 0;
-  let last_gc_ms = performance.now();
-  let publish_ms = 0;
-  const gc_timer = setInterval(() => {
-    const now = performance.now();
-    if (now - publish_ms >= 100) {
-      publishBusyPoll();
-      publish_ms = now;
-    }
-    const { s: st, slot } = engine.ctx;
-    const served = st.statOf(slot, STAT_WRITE_COUNT) + st.statOf(slot, STAT_READ_HIT_COUNT) + st.statOf(slot, STAT_READ_MISS_COUNT);
-    const bytes = st.statOf(slot, STAT_WRITE_BYTES) + st.statOf(slot, STAT_READ_HIT_BYTES) + st.statOf(slot, STAT_READ_MISS_BYTES);
-    if (served === served_at_last_gc) return;
-    const due = served - served_at_last_gc >= GC_EVERY_REQUESTS || bytes - bytes_at_last_gc >= GC_EVERY_BYTES || now - last_gc_ms >= GC_INTERVAL_MS;
-    if (!due) return;
-    served_at_last_gc = served;
-    bytes_at_last_gc = bytes;
-    last_gc_ms = now;
-    Bun.gc(false);
-  }, GC_CHECK_MS);
-  gc_timer.unref();
+  // received chunks of 1 MiB writes at 1.6 GiB/s. A collection every 20 000 requests or 64 MiB
+  // of payload (or every second while serving) keeps resident memory near the README's bound
+  // for about 1 ms each; a worker that served nothing since skips it.
+  const gc_timer = collectPeriodically({
+    counters: [
+      { read: () => st.statOf(slot, STAT_WRITE_COUNT) + st.statOf(slot, STAT_READ_HIT_COUNT) + st.statOf(slot, STAT_READ_MISS_COUNT), every: GC_EVERY_REQUESTS },
+      { read: () => st.statOf(slot, STAT_WRITE_BYTES) + st.statOf(slot, STAT_READ_HIT_BYTES) + st.statOf(slot, STAT_READ_MISS_BYTES), every: GC_EVERY_BYTES },
+    ],
+    check_ms: GC_CHECK_MS,
+    period_ms: GC_INTERVAL_MS,
+    full: false,
+  });
   if (opts.listen.kind === "fd") {
     await server.listen({ kind: "fd", fd: opts.listen.fd });
   } else if (opts.listen.kind === "connected") {
@@ -96,6 +88,7 @@ runWorker(async (start, { log, post, fatal }) => {
   return {
     async stop(timeout_ms: number) {
       clearInterval(gc_timer);
+      clearInterval(publish_timer);
       await server.stop({ timeout_ms });
       // This thread's ksets timers go with it; closing every kset makes its writes durable.
       engine.ctx.log.stopTimers();

@@ -32,21 +32,17 @@ import {
 import { type CachePos, posEqual } from "../log/position.ts";
 import { walkLog, type WalkMeta } from "../log/walk.ts";
 import { lockOrThrow, unlock } from "../sync/lock.ts";
+import { DecodeCollector } from "../threads/collect.ts";
 
 export const SCAN_ATTEMPTS_MAX = 4;
 
-/** Keys decoded by dirty scans in this thread so far (its collection policy watches it). */
-let keys_scanned = 0;
 /**
- * The walk makes a few objects per kset and key; over a long dirty log (170 000 one-key ksets
- * after a write+flush burst) one scan left hundreds of MiB for the collector, and `drain` scans
- * four times a second. A collection every this many ksets keeps a scan's garbage small.
+ * The walk makes a few objects per kset and per key; over a long dirty log (170 000 one-key
+ * ksets after a write+flush burst, or 300 000 keys after a random-write burst) one scan left
+ * hundreds of MiB for the collector, and `drain` scans four times a second. A collection every
+ * this many ksets and keys walked (over all scans of this thread) keeps that garbage small.
  */
-const SCAN_COLLECT_EVERY_KSETS = 16_384;
-
-export function keysScanned(): number {
-  return keys_scanned;
-}
+const scan_collector = new DecodeCollector(131_072);
 /**
  * Status reads wait at most this long for a shared lock, less than the main thread's general
  * bound (boundLockWaits in serve): a status should answer quickly or say why. Holders keep these
@@ -110,7 +106,6 @@ export function scanDirty(ctx: EngineContext, walk_meta: WalkMeta, target?: Cach
 function scanOnce(ctx: EngineContext, walk_meta: WalkMeta, p: LogPositions, target: CachePos | undefined): DirtyScan | null {
   let total = 0;
   let before = 0;
-  let ksets = 0;
   // The target is still ahead when it shows up after dirty_tail, key_head included.
   let seen_target = false;
   try {
@@ -118,8 +113,7 @@ function scanOnce(ctx: EngineContext, walk_meta: WalkMeta, p: LogPositions, targ
       if (target !== undefined && !posEqual(k.pos, p.dirty_tail) && posEqual(k.pos, target)) seen_target = true;
       if (posEqual(k.pos, p.key_head)) return false;
       let bytes = 0;
-      keys_scanned += k.keys.length;
-      if (++ksets % SCAN_COLLECT_EVERY_KSETS === 0) Bun.gc(false);
+      scan_collector.add(k.keys.length);
       for (const key of k.keys) if (!key.stale && (key.flags & KEY_F_CLEAN) === 0) bytes += key.len;
       total += bytes;
       if (!seen_target) before += bytes;

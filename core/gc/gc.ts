@@ -27,6 +27,7 @@ import {
   WAIT_GC_KICK,
   WAIT_SEG_FREED,
 } from "../engine/shared_state.ts";
+import { DecodeCollector } from "../threads/collect.ts";
 
 /** GC re-checks at least this often even without a signal. */
 export const GC_PERIOD_MS = 5_000;
@@ -39,8 +40,12 @@ export const PRUNE_BELOW_FREE_FRACTION = 0.5;
 /** Below this fraction of free index nodes, GC runs as if the cache were full. */
 export const NODES_LOW_FRACTION = 0.1;
 
+/** Ksets and keys GC decodes between collections (collect() reclaims a whole log without yielding). */
+const GC_COLLECT_EVERY_ITEMS = 131_072;
+
 export class Gc {
   private prune_cursor = 0;
+  private readonly collector = new DecodeCollector(GC_COLLECT_EVERY_ITEMS);
   /** Subtrees left in the current prune sweep (0: no sweep running). */
   private sweep_left = 0;
   /** STAT_GC_SEGS_FREED when the last sweep started. */
@@ -107,6 +112,7 @@ export class Gc {
     unlock(s.locks, LOCK_DIRTY_TAIL);
     if (tail.cache_seg_id === dirty.cache_seg_id && tail.seg_off === dirty.seg_off) return "caught_up";
     const kset = readKsetAt(media.dom, this.walk_meta, tail, { backing_size_bytes: media.backing_size_bytes, verify_data_crc: media.data_crc });
+    this.collector.add(kset.kind === "normal" ? kset.keys.length : 0);
     if (kset.kind === "end") return this.stop(`${kset.reason} at key_tail ${tail.cache_seg_id}:${tail.seg_off}`);
     if (kset.kind === "last") {
       if (dirty.cache_seg_id === tail.cache_seg_id) return "caught_up";

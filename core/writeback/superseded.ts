@@ -9,19 +9,15 @@
  */
 import { assert } from "../assert.ts";
 import { KEY_F_CLEAN, KEY_F_EMPTY } from "../format/constants.ts";
+import type { SegmentTable } from "../engine/segments.ts";
 import type { KeyIndex } from "../index/key_index.ts";
 import { NIL } from "../index/key_index.ts";
 import { EPOCH_UNKNOWN } from "../log/flush_epochs.ts";
+import type { KsetLog } from "../log/kset_log.ts";
 import type { Extent } from "./dedupe.ts";
 
-/** What the check needs of the log and the segment table. */
-export interface LogView {
-  ksetIdOf(off: number): number;
-  /** Closes of kset id so far (KsetLog.closes). */
-  closes(kset_id: number): number;
-  /** Current generation of a segment: a key over a reclaimed segment is no proof of anything. */
-  segGen(cache_seg_id: number): number;
-}
+/** What the check reads of the log: which kset a key goes to and how often it was closed. */
+type LogView = Pick<KsetLog, "ksetIdOf" | "closes">;
 
 /** A range [off, off + len) of the backing device to write from the extent's cached data. */
 export interface Run {
@@ -32,12 +28,9 @@ export interface Run {
 /** Bound on index keys visited for one extent (an extent spans at most 4 MiB of one subtree). */
 const KEYS_PER_EXTENT_MAX = 1 << 14;
 
-/**
- * The runs of e to write, in offset order.
- */
-export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView): Run[] {
-  const whole = [{ off: e.off, len: e.len }];
-  if (epoch === EPOCH_UNKNOWN) return whole;
+/** The runs of e to write, in offset order. */
+export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView, segs: Pick<SegmentTable, "gen">): Run[] {
+  if (epoch === EPOCH_UNKNOWN) return [{ off: e.off, len: e.len }];
   const end = e.off + e.len;
   const s = idx.subtreeOf(e.off);
   assert(idx.subtreeOf(end - 1) === s, "dirty extent crosses a 4 MiB boundary");
@@ -48,7 +41,7 @@ export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView):
     let n = idx.ceiling(s, e.off);
     for (let visited = 0; n !== NIL && idx.off[n] < end; visited++) {
       assert(visited < KEYS_PER_EXTENT_MAX, "index walk over one extent did not end");
-      if (overwrites(idx, n, e, epoch, log)) {
+      if (overwrites(idx, n, e, epoch, log, segs)) {
         const from = Math.max(idx.off[n], e.off);
         if (from > cursor) runs.push({ off: cursor, len: from - cursor });
         cursor = Math.min(idx.off[n] + idx.len[n], end);
@@ -63,12 +56,13 @@ export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView):
 }
 
 /** Key n is a different, live, dirty key of e's flush epoch (so it is later than e in the log). */
-function overwrites(idx: KeyIndex, n: number, e: Extent, epoch: number, log: LogView): boolean {
+function overwrites(idx: KeyIndex, n: number, e: Extent, epoch: number, log: LogView, segs: Pick<SegmentTable, "gen">): boolean {
   if ((idx.flags[n] & (KEY_F_CLEAN | KEY_F_EMPTY)) !== 0) return false;
   if (idx.flush_epoch[n] !== epoch) return false;
   if (log.closes(log.ksetIdOf(idx.off[n])) === idx.kset_closes[n]) return false;
   const seg = idx.cache_seg_id[n];
-  if (idx.seg_gen[n] !== log.segGen(seg)) return false;
+  // A key over a reclaimed segment is no proof of anything.
+  if (idx.seg_gen[n] !== segs.gen(seg)) return false;
   // The same cached bytes (e itself, possibly trimmed by later keys) are not a later key.
   const same = seg === e.cache_seg_id && idx.seg_gen[n] === e.seg_gen && idx.seg_off[n] - idx.off[n] === e.seg_off - e.off;
   return !same;

@@ -140,7 +140,6 @@ export class Writeback {
     const bad = kset.keys.find((k) => k.crc_ok === false);
     if (bad !== undefined) throw new Error(`data CRC mismatch in dirty key off=${bad.off} len=${bad.len} (segment ${bad.cache_seg_id})`);
     const { idx, segs, log } = this.ctx;
-    const view = { ksetIdOf: (off: number) => log.ksetIdOf(off), closes: (id: number) => log.closes(id), segGen: (seg: number) => segs.gen(seg) };
     // Sorted by offset, so the writes in flight go out in backing order.
     const writes: Array<{ e: Extent; off: number; len: number }> = [];
     let skipped = 0;
@@ -149,7 +148,7 @@ export class Writeback {
       // Dirty data cannot be reclaimed before writeback passes it: its generation must be current.
       if (e.seg_gen !== segs.gen(e.cache_seg_id)) fail(`dirty key off=${e.off} names a stale segment generation`);
       let live = 0;
-      for (const r of liveRuns(idx, e, epoch, view)) {
+      for (const r of liveRuns(idx, e, epoch, log, segs)) {
         writes.push({ e, off: r.off, len: r.len });
         live += r.len;
       }
