@@ -9,6 +9,7 @@ import { GiB } from "../core/format/constants.ts";
 import { formatCache } from "../core/format/format_cache.ts";
 import { inspectSuperblockArea } from "../core/format/superblock.ts";
 import { BUSY_POLL_BUDGET_DEFAULT_US, BUSY_POLL_BUDGET_MAX_US } from "../core/nbd/busy_poll.ts";
+import { DEFER_MS_DEFAULT, DEFER_MS_MAX, PIPELINED_WINDOW_MS } from "../core/writeback/defer.ts";
 import { DEFAULT_NBD_HOST, DEFAULT_NBD_PORT, socketActivationFd } from "../core/nbd/server.ts";
 import { DATA_DIR_BACKING_FILE, DATA_DIR_CACHE_FILE, defaultDataDir } from "./data_dir.ts";
 import { type ServeRuntime, startServing } from "./serve_runtime.ts";
@@ -55,6 +56,11 @@ export const serveCommand = defineCommand({
       description: `after a reply, spin up to this many µs for a quick client's next request instead of sleeping, only while a CPU is otherwise idle; 0..${BUSY_POLL_BUDGET_MAX_US}, 0 turns it off`,
       default: String(BUSY_POLL_BUDGET_DEFAULT_US),
     },
+    "writeback-defer-ms": {
+      type: "string",
+      description: `while clients keep several requests in flight and less than gc_percent of the cache is used, let dirty data (already persistent in the cache) wait up to this many ms before writing it back; writeback runs at once after ${PIPELINED_WINDOW_MS} ms without such a request, or on \`pcache drain\`; 0..${DEFER_MS_MAX}, 0 writes back at once as the kernel does`,
+      default: String(DEFER_MS_DEFAULT),
+    },
     control: { type: "string", description: "control socket for status, gc-percent and drain (default: derived from the cache path, under $XDG_RUNTIME_DIR/pcache or /tmp/pcache-UID)" },
     "log-level": { type: "string", description: "error, warn, info or debug", default: "info" },
     "log-format": { type: "string", description: "text, or json (one object per line) for machines", default: "text" },
@@ -76,6 +82,7 @@ interface ServeArgs {
   workers?: string;
   "max-connections": string;
   "busy-poll-us": string;
+  "writeback-defer-ms": string;
   control?: string;
   "log-level": string;
   "log-format": string;
@@ -87,6 +94,7 @@ async function serve(args: ServeArgs): Promise<number> {
     args.workers === undefined ? Math.max(1, Math.min(MAX_WORKERS, navigator.hardwareConcurrency || 1)) : parseIntInRange(args.workers, "--workers", 1, MAX_WORKERS);
   const max_connections = parseIntInRange(args["max-connections"], "--max-connections", 1, MAX_CONNECTIONS);
   const busy_poll_us = parseIntInRange(args["busy-poll-us"], "--busy-poll-us", 0, BUSY_POLL_BUDGET_MAX_US);
+  const writeback_defer_ms = parseIntInRange(args["writeback-defer-ms"], "--writeback-defer-ms", 0, DEFER_MS_MAX);
   const activated = args.stdin ? null : socketActivationFd();
   if (args.stdin && args.nbd !== undefined) fail("--stdin serves the client on fd 0; it cannot be combined with --nbd");
   let cache_path = args.cache;
@@ -123,6 +131,7 @@ async function serve(args: ServeArgs): Promise<number> {
         logger: log,
         n_heads: n_request_workers,
         n_stat_slots: n_request_workers + 3,
+        writeback_defer_ms,
       });
       const r = engine.replay_result!;
       log.info(`replayed ${r.keys} keys in ${r.ksets} ksets in ${r.elapsed_ms.toFixed(1)} ms (${r.stale_keys} stale); ${r.end_reason}`);
@@ -148,6 +157,11 @@ async function serve(args: ServeArgs): Promise<number> {
   }
   if (runtime.uri !== null) {
     log.info(`serving ${backing_path} cached on ${cache_path} [${cache.domain.describe()}] with ${n_request_workers} request worker(s)`);
+    log.info(
+      writeback_defer_ms === 0
+        ? "writeback: at once (deferral off)"
+        : `writeback: deferred while clients keep requests in flight and the cache is below gc_percent, up to ${writeback_defer_ms} ms`,
+    );
     process.stdout.write(`listening: ${runtime.uri}\ncontrol: ${runtime.control_path}\n`);
   }
   return await runtime.finished;

@@ -322,6 +322,8 @@ describe("control socket with a running server", () => {
     expect(j.busy_poll).toEqual({ spins: 0, hits: 0, seconds: 0 });
     expect(j.flush_epochs_tracked).toBe(true);
     expect(j.writeback_skipped_bytes).toBe(0);
+    expect(j.writeback_defer_ms).toBe(30_000);
+    expect(j.writeback_deferred).toBe(false);
     expect(j.workers.map((w: { name: string; state: string }) => `${w.name}=${w.state}`).sort()).toEqual([
       "gc=running",
       "request worker 1=running",
@@ -340,6 +342,8 @@ describe("control socket with a running server", () => {
     expect(m.get("pcache_busy_poll_seconds_total")).toBe(0);
     expect(m.get("pcache_flush_epochs_tracked")).toBe(1);
     expect(m.get("pcache_writeback_skipped_bytes_total")).toBe(0);
+    expect(m.get("pcache_writeback_defer_seconds")).toBe(30);
+    expect(m.get("pcache_writeback_deferred")).toBe(0);
   }, 30_000);
 
   test.if(HAVE_QEMU_IO)(
@@ -509,6 +513,89 @@ describe("control socket with a running server", () => {
     }
     expect(await s.stop()).toBe(0);
   }, 60_000);
+});
+
+describe("writeback deferral with a busy client (fio)", () => {
+  const cache = join(dir, "defer-cache.img");
+  const backing = join(dir, "defer-backing.img");
+  const sock = join(dir, "defer-nbd.sock");
+  const can = have("fio") && have("nbdcopy");
+  if (!can) console.warn("\n!!!!! SKIPPING writeback deferral tests: fio or nbdcopy is not installed !!!!!\n");
+  let s: Server;
+
+  beforeAll(async () => {
+    if (!can) return;
+    await formatCache(cache);
+    await sparseFile(backing, 64 * MiB);
+    s = await serve(cache, backing, sock);
+  });
+
+  afterAll(async () => {
+    if (can) expect(await s.stop()).toBe(0);
+  });
+
+  /**
+   * fio's 4 KiB random writes over the first 8 MiB at QD4 (requests pipelined, what deferral
+   * watches) for runtime_s, a flush every 64 writes and a 2 ms pause every 16: busy all the time,
+   * yet far from filling the cache up to gc_percent (where writeback would run regardless).
+   */
+  function busyClient(runtime_s: number): Subprocess {
+    const argv = ["fio", "--name=busy", "--ioengine=nbd", `--uri=nbd+unix:///?socket=${sock}`, "--rw=randwrite", "--bs=4k", "--iodepth=4"];
+    argv.push("--size=8m", "--time_based", `--runtime=${runtime_s}`, "--fsync=64", "--thinktime=2000", "--thinktime_blocks=16", "--output-format=terse");
+    const p = Bun.spawn(argv, { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: ENV });
+    children.add(p);
+    return p;
+  }
+
+  test.if(can)(
+    "while fio writes, writeback waits and status says so; once fio stops it all goes back without a drain, and the backing file equals the export",
+    async () => {
+      const before = await statusJson("--control", s.control);
+      const fio = busyClient(4);
+      const busy: Array<Record<string, any>> = [];
+      let busy_text = "";
+      while (fio.exitCode === null) {
+        await Bun.sleep(250);
+        if (fio.exitCode === null) busy.push(await statusJson("--control", s.control));
+        if (busy.length === 6 && busy_text === "") busy_text = (await pcache("status", "--control", s.control)).stdout;
+      }
+      expect(await fio.exited).toBe(0);
+      const last_busy = busy.at(-1)!;
+      // ksets closed (dozens a second from the flushes alone) and almost none written back.
+      expect(last_busy.ksets_closed - before.ksets_closed).toBeGreaterThan(50);
+      expect(last_busy.writeback_ksets - before.writeback_ksets).toBeLessThan((last_busy.ksets_closed - before.ksets_closed) / 10);
+      expect(busy.filter((j) => j.writeback_deferred).length).toBeGreaterThan(busy.length / 2);
+      expect(busy_text).toMatch(/^writeback {9}.*; ok, deferred while clients keep requests in flight \(up to 30 s, or until gc_percent of the cache is used\)$/m);
+      // Idle now: writeback catches up by itself.
+      let j = await statusJson("--control", s.control);
+      for (let i = 0; i < 100 && (j.dirty_bytes !== 0 || j.writeback_deferred); i++) {
+        await Bun.sleep(100);
+        j = await statusJson("--control", s.control);
+      }
+      expect(j.dirty_bytes).toBe(0);
+      expect(j.writeback_deferred).toBe(false);
+      expect(j.writeback_ksets).toBe(j.ksets_closed);
+      const copy = join(dir, "defer-export.img");
+      expect((await run(["nbdcopy", `nbd+unix:///?socket=${sock}`, copy])).code).toBe(0);
+      expect(Bun.hash(await Bun.file(backing).bytes())).toBe(Bun.hash(await Bun.file(copy).bytes()));
+      rmSync(copy);
+    },
+    60_000,
+  );
+
+  test.if(can)(
+    "drain writes back while fio keeps writing",
+    async () => {
+      const fio = busyClient(6);
+      await Bun.sleep(1_000);
+      const d = await pcache("drain", "--control", s.control, "--timeout", "20");
+      expect(d.code).toBe(0);
+      expect(d.stdout).toMatch(/drained: dirty_tail reached/);
+      expect(fio.exitCode).toBe(null); // the client was still busy when the drain finished
+      expect(await fio.exited).toBe(0);
+    },
+    60_000,
+  );
 });
 
 /** Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN): tried once at collection. */

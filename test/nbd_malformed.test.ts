@@ -895,6 +895,27 @@ describe("connection behaviour", () => {
     }
   });
 
+  test("pipelined requests are counted (what writeback deferral watches); one request at a time counts none", async () => {
+    let release!: () => void;
+    let gate = new Promise<void>((r) => (release = r));
+    const s = await server({ memory: { gate: () => gate } });
+    const c = await simpleSession(s);
+    // One at a time, each reply read before the next request: nothing was pipelined.
+    release();
+    for (let i = 0; i < 5; i++) {
+      c.send(request(W.CMD_READ, 0, i, i * 512, 512));
+      await c.read(16 + 512);
+    }
+    expect(s.server.pipelined_requests).toBe(0);
+    // Three sent together while the export holds the first: the second and third count.
+    gate = new Promise<void>((r) => (release = r));
+    c.send(bytes(...[10, 11, 12].map((i) => request(W.CMD_READ, 0, i, i * 512, 512))));
+    await Bun.sleep(100);
+    release();
+    for (let i = 0; i < 3; i++) await c.read(16 + 512);
+    expect(s.server.pipelined_requests).toBe(2);
+  });
+
   test("requests in flight per connection are capped; the rest wait, then all complete", async () => {
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));

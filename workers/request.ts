@@ -8,6 +8,7 @@ import {
   STAT_BUSY_POLL_HITS,
   STAT_BUSY_POLL_SPINS,
   STAT_BUSY_POLL_US,
+  STAT_PIPELINED_REQUESTS,
   STAT_READ_HIT_BYTES,
   STAT_READ_HIT_COUNT,
   STAT_READ_MISS_BYTES,
@@ -27,8 +28,8 @@ const GC_EVERY_REQUESTS = 20_000;
 const GC_EVERY_BYTES = 64 * 1024 * 1024;
 /** ...or once a second while any were. */
 const GC_INTERVAL_MS = 1000;
-/** How often the busy-poll counters are copied to shared memory for status. */
-const BUSY_POLL_PUBLISH_MS = 100;
+/** How often the server's counters (busy-poll, pipelined requests) are copied to shared memory. */
+const COUNTERS_PUBLISH_MS = 100;
 
 runWorker(async (start, { log, post, fatal }) => {
   const opts = start.request;
@@ -57,14 +58,15 @@ runWorker(async (start, { log, post, fatal }) => {
     log: (level, msg) => log[level](msg),
   });
   const { s: st, slot } = engine.ctx;
-  // The busy-poll counters live in the server; status reads them from shared memory.
-  const publishBusyPoll = () => {
+  // These counters live in the server; status and the writeback gate read them from shared memory.
+  const publishCounters = () => {
     const bp = server.busy_poll_stats;
     st.setStat(slot, STAT_BUSY_POLL_SPINS, bp.spins);
     st.setStat(slot, STAT_BUSY_POLL_HITS, bp.hits);
     st.setStat(slot, STAT_BUSY_POLL_US, Math.round(bp.spin_ms * 1000));
+    st.setStat(slot, STAT_PIPELINED_REQUESTS, server.pipelined_requests);
   };
-  const publish_timer = setInterval(publishBusyPoll, BUSY_POLL_PUBLISH_MS);
+  const publish_timer = setInterval(publishCounters, COUNTERS_PUBLISH_MS);
   publish_timer.unref();
   // Garbage from each request (promises, views, replies) is small, but at 150 000 requests a
   // second it piled up by hundreds of MiB between the collector's own collections; so did the

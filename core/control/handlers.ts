@@ -28,6 +28,7 @@ import type { StateMonitor } from "./monitor.ts";
 import type { ControlRequest, DrainProgress, DrainStartResult } from "./protocol.ts";
 import type { ControlHandler } from "./server.ts";
 import { collectStatus, type StatusSources, type WorkerRow } from "./status.ts";
+import { forceWriteback } from "../writeback/defer.ts";
 
 export interface ControlServiceOptions {
   /** The main thread's engine. */
@@ -65,6 +66,7 @@ export function controlHandler(opts: ControlServiceOptions): ControlHandler {
       const failed = opts.workers().find((w) => w.state === "failed");
       if (failed !== undefined) throw new PcacheError(`${failed.name} failed; the server is stopping (see its log)`);
       await engine.flush();
+      forceWriteback(ctx.s); // after the close: writeback counts it done only once it passes these ksets
       ctx.s.signal(WAIT_LOG_APPENDED);
       ctx.s.signal(WAIT_CONTROL);
       const target = keyHead(engine);

@@ -100,6 +100,8 @@ function families(st: StatusSnapshot): Family[] {
     g("pcache_writeback_rate_bytes_per_second", "Writeback rate over the last 10 seconds.", st.writeback_rate_bytes_per_second),
     g("pcache_writeback_error_errno", "errno of the failing backing write; 0 when writeback is healthy.", st.writeback_error_errno),
     g("pcache_writeback_paused", "1 while writeback is paused (test hook).", st.writeback_paused ? 1 : 0),
+    g("pcache_writeback_deferred", "1 while writeback lets dirty data wait because clients keep requests in flight and the cache has room.", st.writeback_deferred ? 1 : 0),
+    g("pcache_writeback_defer_seconds", "Longest wait of dirty data while clients keep requests in flight (--writeback-defer-ms); 0 when deferral is off.", st.writeback_defer_ms / 1000),
     c("pcache_gc_runs_total", "GC passes that reclaimed at least one kset.", st.gc_runs),
     c("pcache_gc_segments_freed_total", "Segments freed (by GC, or by a data head leaving them).", st.gc_segments_freed),
     { name: "pcache_gc_stopped", type: "gauge", help: "1 when GC stopped after an error (until restart).", samples: flag(st.gc_stopped) },

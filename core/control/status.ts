@@ -15,7 +15,10 @@ import {
   CTL_GC_ERROR,
   CTL_GC_PERCENT,
   CTL_WRITEBACK_ERROR,
+  CTL_WRITEBACK_DEFER_MS,
+  CTL_WRITEBACK_DEFERRED,
   CTL_WRITEBACK_PAUSED,
+
   CTL_EPOCH_RING_OFF,
   STAT_BUSY_POLL_HITS,
   STAT_BUSY_POLL_SPINS,
@@ -104,6 +107,10 @@ export interface StatusSnapshot {
   writeback_rate_bytes_per_second: number;
   writeback_error_errno: number;
   writeback_paused: boolean;
+  /** While writeback lets dirty data wait (clients keep requests in flight and the cache has room). */
+  writeback_deferred: boolean;
+  /** Longest wait of dirty data while clients keep requests in flight (core/writeback/defer.ts); 0: deferral off. */
+  writeback_defer_ms: number;
   gc_runs: number;
   gc_segments_freed: number;
   gc_stopped: boolean;
@@ -160,6 +167,8 @@ export function collectStatus(src: StatusSources): StatusSnapshot {
     writeback_rate_bytes_per_second: Math.round(src.monitor.writebackRate()),
     writeback_error_errno: ctl(CTL_WRITEBACK_ERROR),
     writeback_paused: ctl(CTL_WRITEBACK_PAUSED) !== 0,
+    writeback_deferred: ctl(CTL_WRITEBACK_DEFERRED) !== 0,
+    writeback_defer_ms: ctl(CTL_WRITEBACK_DEFER_MS),
     gc_runs: stat(STAT_GC_RUNS),
     gc_segments_freed: stat(STAT_GC_SEGS_FREED),
     gc_stopped: ctl(CTL_GC_ERROR) !== 0,

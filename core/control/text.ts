@@ -32,7 +32,12 @@ function writebackState(st: StatusSnapshot): string {
   if (st.read_only) return "off (read-only server)";
   if (st.writeback_paused) return "PAUSED (test hook)";
   if (st.writeback_error_errno !== 0) return `FAILING: backing write errors, ${formatErrno(st.writeback_error_errno)}; retrying`;
-  return "ok";
+  if (st.writeback_deferred) return `ok, deferred while clients keep requests in flight (up to ${formatDeferMs(st.writeback_defer_ms)}, or until gc_percent of the cache is used)`;
+  return st.writeback_defer_ms === 0 ? "ok, deferral off" : "ok";
+}
+
+function formatDeferMs(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
 }
 
 function gcState(st: StatusSnapshot): string {

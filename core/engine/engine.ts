@@ -15,6 +15,7 @@ import { PayloadCursor } from "../paths/payload.ts";
 import { createKeyIndexShared, KeyIndex, type KeyIndexShared, subtreesForBacking } from "../index/key_index.ts";
 import { KsetLog } from "../log/kset_log.ts";
 import { setGcPercent } from "../gc/gc_percent.ts";
+import { setDeferMs } from "../writeback/defer.ts";
 import type { PersistDomain } from "../persist/domain.ts";
 import { readPath } from "../paths/read.ts";
 import { writePath, zeroPath } from "../paths/write.ts";
@@ -60,6 +61,8 @@ export interface EngineOpenOptions {
   nodes_max?: number;
   limits?: Partial<EngineLimits>;
   logger?: Logger;
+  /** Longest wait of dirty data while the export is busy (core/writeback/defer.ts); default 0, never, as the kernel. */
+  writeback_defer_ms?: number;
 }
 
 /** What another thread needs to attach to a running engine (postMessage-able). */
@@ -102,6 +105,7 @@ export class Engine {
     MetaMedia.initSharedReplicaState(state, meta);
     state.ctl[CTL_GC_PERCENT] = meta.gc_percent;
     state.ctl[CTL_CACHE_INFO_FLAGS] = meta.cache_info.value.flags;
+    setDeferMs(state, opts.writeback_defer_ms ?? 0);
     const shared: EngineShared = {
       state: state.buffers,
       index,

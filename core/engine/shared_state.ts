@@ -54,7 +54,11 @@ export const CTL_FLUSH_RECORDED = 17;
 export const CTL_EPOCH_RING_HEAD = 18;
 export const CTL_EPOCH_RING_TAIL = 19;
 export const CTL_EPOCH_RING_OFF = 20;
-export const CTL_WORDS = 24;
+/** Writeback deferral (core/writeback/defer.ts): longest wait, drains asked for, 1 while deferring. */
+export const CTL_WRITEBACK_DEFER_MS = 21;
+export const CTL_WRITEBACK_FORCE = 22;
+export const CTL_WRITEBACK_DEFERRED = 23;
+export const CTL_WORDS = 28;
 
 /** Flush boundaries the ring holds before new ones are dropped (dropping only costs skips). */
 export const EPOCH_RING_ENTRIES = 4096;
@@ -96,6 +100,8 @@ export const STAT_BUSY_POLL_HITS = 18;
 export const STAT_BUSY_POLL_US = 19;
 /** Dirty bytes writeback left out because a later key of the same flush epoch overwrote them. */
 export const STAT_WRITEBACK_SKIPPED_BYTES = 20;
+/** Requests that began while another was in flight on the same request worker (published every 100 ms). */
+export const STAT_PIPELINED_REQUESTS = 21;
 export const STAT_WORDS = 24;
 
 export interface SharedStateLayout {

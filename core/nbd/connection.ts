@@ -88,6 +88,15 @@ export interface ConnectionOptions {
   busy_poll: BusyPoll | null;
   /** True while this is the server's only open connection. */
   is_only_connection: () => boolean;
+  /** Shared by the connections of one server: requests in flight, and how many began pipelined. */
+  load: ServerLoad;
+}
+
+export interface ServerLoad {
+  /** Requests dispatched and not yet answered, over every connection of the server. */
+  inflight: number;
+  /** Requests dispatched while another was in flight: clients that keep a queue, not one at a time. */
+  pipelined: number;
 }
 
 export class NbdConnection {
@@ -379,6 +388,9 @@ export class NbdConnection {
   private dispatch(req: Request, payload: WriteData | null): void {
     const s = this.session!;
     const cost = req.type === W.CMD_READ || req.type === W.CMD_WRITE ? req.length : 0;
+    const load = this.opts.load;
+    if (load.inflight > 0) load.pipelined++;
+    load.inflight++;
     this.inflight++;
     this.inflight_bytes += cost;
     execute(req, payload, s).then(
@@ -391,6 +403,7 @@ export class NbdConnection {
   private completed(cost: number, payload: WriteData | null, reply: Uint8Array | null, error: unknown): void {
     // The export is done with the payload (it copies what it keeps): its chunks may go.
     if (payload !== null) this.recv.releaseParts(payload);
+    this.opts.load.inflight--;
     this.inflight--;
     this.inflight_bytes -= cost;
     try {

@@ -18,7 +18,7 @@ import { PcacheError } from "../errors.ts";
 import { assert } from "../assert.ts";
 import { BufferPool } from "./buffer_pool.ts";
 import { BusyPoll, type BusyPollOptions, type BusyPollStats } from "./busy_poll.ts";
-import { NbdConnection, DEFAULT_CONNECTION_LIMITS, type ConnectionLimits, type NbdSocket } from "./connection.ts";
+import { NbdConnection, DEFAULT_CONNECTION_LIMITS, type ConnectionLimits, type NbdSocket, type ServerLoad } from "./connection.ts";
 import type { NbdExport } from "./export.ts";
 import type { ExportConfig } from "./handshake.ts";
 import { describeError, stderrLogger, type NbdLogger } from "./logger.ts";
@@ -168,6 +168,7 @@ export class NbdServer {
   /** Separate pools so a reused buffer only ever held the same kind of data (see buffer_pool.ts). */
   private readonly read_pool = new BufferPool();
   private readonly busy_poll: BusyPoll | null;
+  private readonly load: ServerLoad = { inflight: 0, pipelined: 0 };
   private readonly is_only_connection = () => this.connections.size === 1;
 
   constructor(opts: NbdServerOptions) {
@@ -195,6 +196,11 @@ export class NbdServer {
   /** Open connections (any phase). */
   get connection_count(): number {
     return this.connections.size;
+  }
+
+  /** Requests dispatched while another was in flight on this server (core/writeback/defer.ts). */
+  get pipelined_requests(): number {
+    return this.load.pipelined;
   }
 
   /** Busy-poll counters of this server's connections (zeros when busy-polling is off). */
@@ -343,6 +349,7 @@ export class NbdServer {
       read_pool: this.read_pool,
       busy_poll: this.busy_poll,
       is_only_connection: this.is_only_connection,
+      load: this.load,
     });
     s.data = conn;
     this.connections.add(conn);

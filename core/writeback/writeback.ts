@@ -9,6 +9,9 @@
  * current one, and at each flush boundary exactly the prefix of the log up to it
  * (core/log/flush_epochs.ts shows why that is crash-consistent).
  *
+ * When it starts on a kset is up to the deferral policy (./defer.ts): by default `serve` lets
+ * dirty data wait while clients keep requests in flight and the cache has room.
+ *
  * Failures never move dirty_tail: the same kset is retried with a growing delay, and the state is
  * logged once when it begins and once when it ends.
  */
@@ -24,6 +27,7 @@ import type { EngineContext } from "../engine/context.ts";
 import { advanceTail } from "../engine/tails.ts";
 import {
   CTL_STOPPING,
+  CTL_WRITEBACK_DEFERRED,
   CTL_WRITEBACK_ERROR,
   CTL_WRITEBACK_PAUSED,
   LOCK_KEY_HEAD,
@@ -40,6 +44,7 @@ import {
 import { dedupeKset, type Extent } from "./dedupe.ts";
 import { EpochCursor } from "../log/flush_epochs.ts";
 import { liveRuns } from "./superseded.ts";
+import { DEFER_POLL_MS, WritebackGate } from "./defer.ts";
 
 /** Backing writes in flight for one kset. */
 export const WRITEBACK_QD = 16;
@@ -71,10 +76,12 @@ export class Writeback {
     // Generations change while we run: stale-ness is judged against the shared table.
     this.walk_meta = { n_segs: meta.n_segs, seg_ids: meta.seg_ids, seg_gens: ctx.s.seg_gens, data_crc: meta.data_crc };
     this.epochs = new EpochCursor(ctx.s);
+    this.gate = new WritebackGate(ctx.s);
   }
 
   private readonly walk_meta: WalkMeta;
   private readonly epochs: EpochCursor;
+  private readonly gate: WritebackGate;
 
   /** Run until the engine stops. */
   async run(): Promise<void> {
@@ -86,6 +93,12 @@ export class Writeback {
         continue;
       }
       const seen = Atomics.load(s.waits, WAIT_LOG_APPENDED);
+      const seen_control = Atomics.load(s.waits, WAIT_CONTROL);
+      const drains_seen = this.gate.drainsSeen();
+      if (!this.atKeyHead() && this.gate.check(performance.now()) === "deferred") {
+        await waitChangeAsync(s.waits, WAIT_CONTROL, seen_control, DEFER_POLL_MS);
+        continue;
+      }
       const outcome = await this.step();
       if (outcome === "progress") continue;
       if (outcome === "error") {
@@ -93,18 +106,26 @@ export class Writeback {
         this.retry_delay_ms = Math.min(this.retry_delay_ms * 2, RETRY_DELAY_MS_MAX);
         continue;
       }
+      this.gate.caughtUp(drains_seen);
       await waitChangeAsync(s.waits, WAIT_LOG_APPENDED, seen, IDLE_WAIT_MS);
     }
+    Atomics.store(s.ctl, CTL_WRITEBACK_DEFERRED, 0);
+  }
+
+  /** Whether dirty_tail has caught up with key_head (nothing to write back). */
+  private atKeyHead(): boolean {
+    const s = this.ctx.s;
+    lock(s.locks, LOCK_KEY_HEAD);
+    const at_head = s.pos[POS_KEY_HEAD] === s.pos[POS_DIRTY_TAIL] && s.pos[POS_KEY_HEAD + 1] === s.pos[POS_DIRTY_TAIL + 1];
+    unlock(s.locks, LOCK_KEY_HEAD);
+    return at_head;
   }
 
   /** Write back one kset (or follow one LAST kset). */
   async step(): Promise<"progress" | "idle" | "error"> {
     const { s, media } = this.ctx;
     const dirty = { cache_seg_id: s.pos[POS_DIRTY_TAIL], seg_off: s.pos[POS_DIRTY_TAIL + 1] };
-    lock(s.locks, LOCK_KEY_HEAD);
-    const at_head = s.pos[POS_KEY_HEAD] === dirty.cache_seg_id && s.pos[POS_KEY_HEAD + 1] === dirty.seg_off;
-    unlock(s.locks, LOCK_KEY_HEAD);
-    if (at_head) {
+    if (this.atKeyHead()) {
       this.epochs.caughtUp(dirty.cache_seg_id, dirty.seg_off);
       return "idle";
     }

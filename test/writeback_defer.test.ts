@@ -1,0 +1,185 @@
+/**
+ * Writeback deferral (core/writeback/defer.ts): while clients keep requests in flight (pipelined)
+ * and the cache is below gc_percent, dirty data waits; it goes to the backing device once no
+ * request was pipelined for a while, once it has waited defer_ms, once the cache reaches
+ * gc_percent or a writer waits for space, or when a drain asks. First the gate's rules one by
+ * one, then the writeback loop over a real engine (the NBD server's pipelined count is bumped by
+ * hand there; test/control.test.ts drives the binary with fio).
+ */
+import { describe, expect, test } from "bun:test";
+import { MemoryBacking } from "../core/device/memory_backing.ts";
+import {
+  CTL_CACHE_FULL,
+  CTL_GC_PERCENT,
+  CTL_SEGS_USED,
+  CTL_WRITEBACK_DEFERRED,
+  SharedState,
+  STAT_PIPELINED_REQUESTS,
+  STAT_WRITEBACK_BYTES,
+  WAIT_CONTROL,
+} from "../core/engine/shared_state.ts";
+import { forceWriteback, PIPELINED_WINDOW_MS, setDeferMs, WritebackGate } from "../core/writeback/defer.ts";
+import { closeWithLoops, freshCache, openHarness, pattern, startLoops } from "./helpers/engine_harness.ts";
+
+const N_SEGS = 100;
+
+function state(defer_ms: number): SharedState {
+  const s = SharedState.create({ n_segs: N_SEGS, n_ksets: 1, n_heads: 2, n_stat_slots: 5 });
+  s.ctl[CTL_GC_PERCENT] = 70;
+  setDeferMs(s, defer_ms);
+  return s;
+}
+
+/** Request worker `slot` publishes one more pipelined request. */
+function request(s: SharedState, slot = 0): void {
+  s.addStat(slot, STAT_PIPELINED_REQUESTS, 1);
+}
+
+describe("the writeback gate", () => {
+  test("defer 0 is the kernel's behaviour: writeback runs whatever the clients do", () => {
+    const s = state(0);
+    const g = new WritebackGate(s);
+    for (let t = 0; t < 1000; t += 10) {
+      request(s);
+      expect(g.check(t)).toBe("off");
+    }
+    expect(s.ctl[CTL_WRITEBACK_DEFERRED]).toBe(0);
+  });
+
+  test("runs at start; pipelined requests on any worker defer it; PIPELINED_WINDOW_MS without one ends the wait", () => {
+    const s = state(30_000);
+    const g = new WritebackGate(s);
+    expect(g.check(0)).toBe("unqueued");
+    request(s, 1);
+    expect(g.check(10)).toBe("deferred");
+    expect(s.ctl[CTL_WRITEBACK_DEFERRED]).toBe(1);
+    request(s, 0);
+    const last = 10 + PIPELINED_WINDOW_MS - 1;
+    expect(g.check(last)).toBe("deferred");
+    expect(g.check(last + PIPELINED_WINDOW_MS - 1)).toBe("deferred");
+    expect(g.check(last + PIPELINED_WINDOW_MS)).toBe("unqueued");
+    expect(s.ctl[CTL_WRITEBACK_DEFERRED]).toBe(0);
+  });
+
+  test("dirty data waits at most defer_ms, then writeback runs until it catches up; the next wait starts then", () => {
+    const s = state(1_000);
+    const g = new WritebackGate(s);
+    g.check(0);
+    let t = 0;
+    for (; t < 1_000; t += 20) {
+      request(s);
+      expect(g.check(t)).toBe("deferred");
+    }
+    for (; t < 3_000; t += 20) {
+      request(s);
+      expect(g.check(t)).toBe("age"); // still busy, but the backlog is written out
+    }
+    g.caughtUp(g.drainsSeen());
+    request(s);
+    expect(g.check(t)).toBe("deferred");
+    request(s);
+    expect(g.check(t + 999)).toBe("deferred");
+    request(s);
+    expect(g.check(t + 1_000)).toBe("age");
+  });
+
+  test("from gc_percent of the cache used, or with a writer waiting for a segment, writeback runs; gc_percent 0 turns deferral off", () => {
+    const s = state(30_000);
+    const g = new WritebackGate(s);
+    g.check(0);
+    s.ctl[CTL_SEGS_USED] = 69;
+    request(s);
+    expect(g.check(1)).toBe("deferred");
+    s.ctl[CTL_SEGS_USED] = 70;
+    request(s);
+    expect(g.check(2)).toBe("full");
+    s.ctl[CTL_SEGS_USED] = 10;
+    s.ctl[CTL_CACHE_FULL] = 1;
+    request(s);
+    expect(g.check(3)).toBe("full");
+    s.ctl[CTL_CACHE_FULL] = 0;
+    s.ctl[CTL_GC_PERCENT] = 0;
+    request(s);
+    expect(g.check(4)).toBe("full");
+  });
+
+  test("a drain forces writeback until it catches up; a drain counted after writeback's look stays forced", () => {
+    const s = state(30_000);
+    const g = new WritebackGate(s);
+    g.check(0);
+    request(s);
+    expect(g.check(1)).toBe("deferred");
+    forceWriteback(s);
+    request(s);
+    expect(g.check(2)).toBe("drain");
+    // Writeback looks (sees one drain), a second drain closes more ksets and counts itself, then
+    // writeback reports the look's result: the second drain must stay in force.
+    const seen = g.drainsSeen();
+    forceWriteback(s);
+    g.caughtUp(seen);
+    request(s);
+    expect(g.check(3)).toBe("drain");
+    g.caughtUp(g.drainsSeen());
+    request(s);
+    expect(g.check(4)).toBe("deferred");
+  });
+});
+
+describe("the writeback loop with deferral", () => {
+  const BLOCK = 4096;
+
+  async function busyWrites(h: ReturnType<typeof openHarness>, ms: number, seed: number, during?: () => void): Promise<number> {
+    const t0 = performance.now();
+    let n = 0;
+    while (performance.now() - t0 < ms) {
+      // Whole ksets close (flushes), so there is always dirty data waiting in the log.
+      await h.engine.write((n % 256) * BLOCK, pattern(BLOCK, seed + n), false);
+      h.engine.ctx.s.addStat(0, STAT_PIPELINED_REQUESTS, 1); // what the NBD server publishes
+      if (n % 16 === 15) await h.engine.flush();
+      n++;
+      during?.();
+      await Bun.sleep(1);
+    }
+    await h.engine.flush();
+    return n;
+  }
+
+  test("pipelined: nothing reaches the backing device and status says deferred; then it all goes", async () => {
+    const h = openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+    const s = h.engine.ctx.s;
+    const loops = startLoops(h.writeback, h.gc);
+    try {
+      let deferred_seen = 0;
+      const n = await busyWrites(h, 600, 1, () => (deferred_seen += s.ctl[CTL_WRITEBACK_DEFERRED]));
+      expect(n).toBeGreaterThan(50);
+      expect(deferred_seen).toBeGreaterThan(0);
+      expect(s.statTotal(STAT_WRITEBACK_BYTES)).toBe(0);
+      expect(h.backing.bytes.subarray(0, 256 * BLOCK).every((b) => b === 0)).toBe(true);
+      // No more pipelined requests: soon the backing device holds the last version of every block.
+      const deadline = performance.now() + 20 * PIPELINED_WINDOW_MS;
+      const last = (i: number) => pattern(BLOCK, 1 + i + 256 * Math.floor((n - 1 - i) / 256));
+      while (performance.now() < deadline && !h.backing.bytes.subarray(0, BLOCK).every((b, j) => b === last(0)[j])) await Bun.sleep(10);
+      for (let i = 0; i < Math.min(n, 256); i++) expect(h.backing.bytes.subarray(i * BLOCK, (i + 1) * BLOCK)).toEqual(last(i));
+      expect(s.ctl[CTL_WRITEBACK_DEFERRED]).toBe(0);
+    } finally {
+      await closeWithLoops(h.engine, loops);
+    }
+  });
+
+  test("a drain writes back while the clients stay busy", async () => {
+    const h = openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+    const s = h.engine.ctx.s;
+    const loops = startLoops(h.writeback, h.gc);
+    try {
+      await busyWrites(h, 300, 7);
+      expect(s.statTotal(STAT_WRITEBACK_BYTES)).toBe(0);
+      forceWriteback(s);
+      s.signal(WAIT_CONTROL);
+      let written = 0;
+      await busyWrites(h, 600, 9, () => (written = s.statTotal(STAT_WRITEBACK_BYTES)));
+      expect(written).toBeGreaterThan(0);
+    } finally {
+      await closeWithLoops(h.engine, loops);
+    }
+  });
+});
