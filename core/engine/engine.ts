@@ -61,7 +61,7 @@ export interface EngineOpenOptions {
   nodes_max?: number;
   limits?: Partial<EngineLimits>;
   logger?: Logger;
-  /** Longest wait of dirty data while the export is busy (core/writeback/defer.ts); default 0, never, as the kernel. */
+  /** Longest wait of dirty data while clients keep requests in flight (core/writeback/defer.ts); default 0: never, as the kernel. */
   writeback_defer_ms?: number;
 }
 

@@ -88,6 +88,7 @@ export class Writeback {
     const s = this.ctx.s;
     while (Atomics.load(s.ctl, CTL_STOPPING) === 0) {
       if (Atomics.load(s.ctl, CTL_WRITEBACK_PAUSED) !== 0) {
+        Atomics.store(s.ctl, CTL_WRITEBACK_DEFERRED, 0); // paused says more than deferred
         const seen = Atomics.load(s.waits, WAIT_CONTROL);
         if (Atomics.load(s.ctl, CTL_WRITEBACK_PAUSED) !== 0) await waitChangeAsync(s.waits, WAIT_CONTROL, seen, IDLE_WAIT_MS);
         continue;
