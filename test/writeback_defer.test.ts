@@ -9,7 +9,6 @@
 import { describe, expect, test } from "bun:test";
 import { MemoryBacking } from "../core/device/memory_backing.ts";
 import {
-  CTL_CACHE_FULL,
   CTL_GC_PERCENT,
   CTL_SEGS_USED,
   CTL_WRITEBACK_DEFERRED,
@@ -19,6 +18,7 @@ import {
   WAIT_CONTROL,
 } from "../core/engine/shared_state.ts";
 import { forceWriteback, PIPELINED_WINDOW_MS, setDeferMs, WritebackGate } from "../core/writeback/defer.ts";
+import { atGcPercent } from "../core/gc/gc_percent.ts";
 import { closeWithLoops, freshCache, openHarness, pattern, startLoops } from "./helpers/engine_harness.ts";
 
 const N_SEGS = 100;
@@ -38,7 +38,7 @@ function request(s: SharedState, slot = 0): void {
 describe("the writeback gate", () => {
   test("defer 0 is the kernel's behaviour: writeback runs whatever the clients do", () => {
     const s = state(0);
-    const g = new WritebackGate(s);
+    const g = new WritebackGate(s, () => false);
     for (let t = 0; t < 1000; t += 10) {
       request(s);
       expect(g.check(t)).toBe("off");
@@ -48,7 +48,7 @@ describe("the writeback gate", () => {
 
   test("runs at start; pipelined requests on any worker defer it; PIPELINED_WINDOW_MS without one ends the wait", () => {
     const s = state(30_000);
-    const g = new WritebackGate(s);
+    const g = new WritebackGate(s, () => false);
     expect(g.check(0)).toBe("unqueued");
     request(s, 1);
     expect(g.check(10)).toBe("deferred");
@@ -63,7 +63,7 @@ describe("the writeback gate", () => {
 
   test("dirty data waits at most defer_ms, then writeback runs until it catches up; the next wait starts then", () => {
     const s = state(1_000);
-    const g = new WritebackGate(s);
+    const g = new WritebackGate(s, () => false);
     g.check(0);
     let t = 0;
     for (; t < 1_000; t += 20) {
@@ -83,29 +83,36 @@ describe("the writeback gate", () => {
     expect(g.check(t + 1_000)).toBe("age");
   });
 
-  test("from gc_percent of the cache used, or with a writer waiting for a segment, writeback runs; gc_percent 0 turns deferral off", () => {
+  test("whenever GC wants to reclaim, writeback runs", () => {
     const s = state(30_000);
-    const g = new WritebackGate(s);
+    let gc_wanted = false;
+    const g = new WritebackGate(s, () => gc_wanted);
     g.check(0);
-    s.ctl[CTL_SEGS_USED] = 69;
     request(s);
     expect(g.check(1)).toBe("deferred");
-    s.ctl[CTL_SEGS_USED] = 70;
+    gc_wanted = true;
     request(s);
-    expect(g.check(2)).toBe("full");
-    s.ctl[CTL_SEGS_USED] = 10;
-    s.ctl[CTL_CACHE_FULL] = 1;
+    expect(g.check(2)).toBe("gc");
+    gc_wanted = false;
     request(s);
-    expect(g.check(3)).toBe("full");
-    s.ctl[CTL_CACHE_FULL] = 0;
+    expect(g.check(3)).toBe("deferred");
+  });
+
+  test("gc_percent uses the kernel's integer math, the same for GC, the wedge monitor and the gate; gc_percent 0 always holds", () => {
+    const s = SharedState.create({ n_segs: 255, n_ksets: 1, n_heads: 1, n_stat_slots: 4 });
+    s.ctl[CTL_GC_PERCENT] = 70; // 255 * 70 / 100 = 178.5: GC starts at 178 used
+    s.ctl[CTL_SEGS_USED] = 177;
+    expect(atGcPercent(s)).toBe(false);
+    s.ctl[CTL_SEGS_USED] = 178;
+    expect(atGcPercent(s)).toBe(true);
     s.ctl[CTL_GC_PERCENT] = 0;
-    request(s);
-    expect(g.check(4)).toBe("full");
+    s.ctl[CTL_SEGS_USED] = 0;
+    expect(atGcPercent(s)).toBe(true);
   });
 
   test("a drain forces writeback until it catches up; a drain counted after writeback's look stays forced", () => {
     const s = state(30_000);
-    const g = new WritebackGate(s);
+    const g = new WritebackGate(s, () => false);
     g.check(0);
     request(s);
     expect(g.check(1)).toBe("deferred");

@@ -23,6 +23,7 @@ import {
 import { type CachePos, posEqual, posToString } from "../log/position.ts";
 import { errnoName } from "../../ffi/libc.ts";
 import { logPositions } from "./dirty.ts";
+import { atGcPercent } from "../gc/gc_percent.ts";
 
 export const MONITOR_PERIOD_MS = 1_000;
 /** The writeback rate is measured over this many periods. */
@@ -109,7 +110,7 @@ export class StateMonitor {
       this.dirty_tail_moved_ms = now_ms;
     }
     const segs = this.ctx.segs;
-    const over = full || segs.used() >= Math.floor((segs.n_segs * Atomics.load(this.ctx.s.ctl, CTL_GC_PERCENT)) / 100);
+    const over = full || atGcPercent(this.ctx.s);
     const stuck = now_ms - this.dirty_tail_moved_ms >= WEDGE_AFTER_MS;
     const wedged = over && stuck && posEqual(p.key_tail, p.dirty_tail);
     if (wedged && !this.wedged) {

@@ -16,7 +16,6 @@ import { advanceTail } from "../engine/tails.ts";
 import {
   CTL_CACHE_FULL,
   CTL_GC_ERROR,
-  CTL_GC_PERCENT,
   CTL_STOPPING,
   LOCK_DIRTY_TAIL,
   POS_DIRTY_TAIL,
@@ -28,6 +27,7 @@ import {
   WAIT_SEG_FREED,
 } from "../engine/shared_state.ts";
 import { DecodeCollector } from "../threads/collect.ts";
+import { atGcPercent } from "./gc_percent.ts";
 
 /** GC re-checks at least this often even without a signal. */
 export const GC_PERIOD_MS = 5_000;
@@ -42,6 +42,18 @@ export const NODES_LOW_FRACTION = 0.1;
 
 /** Ksets and keys GC decodes between collections (collect() reclaims a whole log without yielding). */
 const GC_COLLECT_EVERY_ITEMS = 131_072;
+
+/**
+ * Whether GC wants to reclaim: gc_percent of the segments used, a request waiting for a segment,
+ * or index nodes running low. GC frees only what writeback has passed, so writeback never
+ * defers while this holds (core/writeback/defer.ts).
+ */
+export function gcWanted(ctx: EngineContext): boolean {
+  const { s, idx } = ctx;
+  if (atGcPercent(s)) return true;
+  if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return true;
+  return idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION;
+}
 
 export class Gc {
   private prune_cursor = 0;
@@ -80,12 +92,7 @@ export class Gc {
 
   /** Whether GC should reclaim now. */
   needGc(): boolean {
-    const { s, segs, idx } = this.ctx;
-    const n = segs.n_segs;
-    const gc_percent = Atomics.load(s.ctl, CTL_GC_PERCENT);
-    if (segs.used() >= Math.floor((n * gc_percent) / 100)) return true;
-    if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return true;
-    return idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION;
+    return gcWanted(this.ctx);
   }
 
   /** Reclaim ksets from key_tail while needed; returns the ksets reclaimed. */

@@ -8,7 +8,7 @@ import { PcacheError } from "../errors.ts";
 import { GC_PERCENT_MAX, GC_PERCENT_MIN } from "../format/constants.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import type { EngineContext } from "../engine/context.ts";
-import { LOCK_CACHE_INFO, WAIT_CONTROL, WAIT_GC_KICK } from "../engine/shared_state.ts";
+import { CTL_GC_PERCENT, CTL_SEGS_USED, LOCK_CACHE_INFO, type SharedState, WAIT_CONTROL, WAIT_GC_KICK } from "../engine/shared_state.ts";
 
 /** The one-line reason a gc_percent is refused, or null when it is valid. */
 export function gcPercentProblem(gc_percent: unknown): string | null {
@@ -17,6 +17,12 @@ export function gcPercentProblem(gc_percent: unknown): string | null {
   }
   const shown = typeof gc_percent === "number" ? String(gc_percent) : JSON.stringify(gc_percent) ?? String(gc_percent);
   return `gc_percent must be a whole number from ${GC_PERCENT_MIN} to ${GC_PERCENT_MAX}, not ${shown}`;
+}
+
+/** Used segments at or over gc_percent of the cache, in the kernel's integer math (reference §2.10). */
+export function atGcPercent(s: SharedState): boolean {
+  const n_segs = s.layout.n_segs;
+  return Atomics.load(s.ctl, CTL_SEGS_USED) >= Math.floor((n_segs * Atomics.load(s.ctl, CTL_GC_PERCENT)) / 100);
 }
 
 export function setGcPercent(ctx: EngineContext, gc_percent: number): void {

@@ -8,8 +8,9 @@
  * Writeback runs when any of these holds:
  *   - deferral is off (defer_ms 0: the kernel's behaviour, and the engine's default);
  *   - a drain asked for it (`pcache drain`); it stays on until writeback catches up;
- *   - the cache is used up to gc_percent, or some writer waits for a segment: GC can only free
- *     what writeback has passed, so from there on writeback runs as the kernel's does;
+ *   - GC wants to reclaim (gc_percent of the cache used, a writer waiting for a segment, or index
+ *     nodes running low): GC can only free what writeback has passed, so from there on writeback
+ *     runs as the kernel's does;
  *   - no request began while another was in flight on its request worker for PIPELINED_WINDOW_MS.
  *     A client that sends one request at a time waits for each reply, so the CPU has room for
  *     writeback between its requests (and on a VM, writeback keeping the CPUs awake makes those
@@ -23,9 +24,6 @@
  * up, so nothing waits much longer than that plus the time to write the backlog.
  */
 import {
-  CTL_CACHE_FULL,
-  CTL_GC_PERCENT,
-  CTL_SEGS_USED,
   CTL_WRITEBACK_DEFER_MS,
   CTL_WRITEBACK_DEFERRED,
   CTL_WRITEBACK_FORCE,
@@ -52,7 +50,7 @@ export function setDeferMs(s: SharedState, defer_ms: number): void {
 }
 
 /** Why writeback runs now, or "deferred". */
-export type GateVerdict = "off" | "drain" | "full" | "unqueued" | "age" | "deferred";
+export type GateVerdict = "off" | "drain" | "gc" | "unqueued" | "age" | "deferred";
 
 export class WritebackGate {
   /** Pipelined requests at the last look; a change since then counts as one at this look. */
@@ -62,7 +60,11 @@ export class WritebackGate {
   /** Since when dirty data has waited (null: writeback is caught up). */
   private dirty_since_ms: number | null = null;
 
-  constructor(private readonly s: SharedState) {
+  constructor(
+    private readonly s: SharedState,
+    /** Whether GC wants to reclaim (core/gc/gc.ts gcWanted): then writeback never waits. */
+    private readonly gc_wanted: () => boolean,
+  ) {
     this.pipelined = this.pipelinedRequests();
   }
 
@@ -97,8 +99,7 @@ export class WritebackGate {
     const defer_ms = Atomics.load(s.ctl, CTL_WRITEBACK_DEFER_MS);
     if (defer_ms === 0) return "off";
     if (Atomics.load(s.ctl, CTL_WRITEBACK_FORCE) !== 0) return "drain";
-    if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return "full";
-    if (Atomics.load(s.ctl, CTL_SEGS_USED) * 100 >= Atomics.load(s.ctl, CTL_GC_PERCENT) * s.layout.n_segs) return "full";
+    if (this.gc_wanted()) return "gc";
     if (now_ms - this.pipelined_ms >= PIPELINED_WINDOW_MS) return "unqueued";
     if (now_ms - dirty_since_ms >= defer_ms) return "age";
     return "deferred";
