@@ -46,6 +46,13 @@ function skippedBytes(h: Harness): number {
   return h.engine.ctx.s.statTotal(STAT_WRITEBACK_SKIPPED_BYTES);
 }
 
+/** Writeback of the first kset wrote X's first version (v1) and left nothing out. */
+async function expectFirstKsetWrittenWhole(h: Harness): Promise<void> {
+  expect(await h.writeback.step()).toBe("progress");
+  expect(backingAt(h, X)).toEqual(v1);
+  expect(skippedBytes(h)).toBe(0);
+}
+
 const v1 = pattern(BLOCK, 101);
 const v2 = pattern(BLOCK, 202);
 const zeroes = new Uint8Array(BLOCK);
@@ -68,9 +75,7 @@ describe("writeback within a flush epoch", () => {
     const h = newHarness();
     await writeXAndCloseKset(h, v1, 1000);
     await write(h, X, v2); // kset open: lost in a crash, so it cannot stand in for v1
-    expect(await h.writeback.step()).toBe("progress");
-    expect(backingAt(h, X)).toEqual(v1);
-    expect(skippedBytes(h)).toBe(0);
+    await expectFirstKsetWrittenWhole(h);
     h.engine.ctx.log.stopTimers();
   });
 
@@ -79,9 +84,7 @@ describe("writeback within a flush epoch", () => {
     await writeXAndCloseKset(h, v1, 1000);
     await h.engine.flush();
     await writeXAndCloseKset(h, v2, 2000);
-    expect(await h.writeback.step()).toBe("progress");
-    expect(backingAt(h, X)).toEqual(v1);
-    expect(skippedBytes(h)).toBe(0);
+    await expectFirstKsetWrittenWhole(h);
     h.engine.ctx.log.stopTimers();
   });
 
@@ -90,9 +93,7 @@ describe("writeback within a flush epoch", () => {
     await writeXAndCloseKset(h, v1, 1000);
     await write(h, 8 * 1024 * 1024, pattern(BLOCK, 7), true); // another region, another kset
     await writeXAndCloseKset(h, v2, 2000);
-    expect(await h.writeback.step()).toBe("progress");
-    expect(backingAt(h, X)).toEqual(v1);
-    expect(skippedBytes(h)).toBe(0);
+    await expectFirstKsetWrittenWhole(h);
     h.engine.ctx.log.stopTimers();
   });
 
@@ -103,9 +104,7 @@ describe("writeback within a flush epoch", () => {
     await writeXAndCloseKset(first, v2, 2000);
     first.engine.ctx.log.stopTimers(); // a crash: open ksets are lost, closed ones replay
     const h = openHarness(first.dom, backing);
-    expect(await h.writeback.step()).toBe("progress");
-    expect(backingAt(h, X)).toEqual(v1);
-    expect(skippedBytes(h)).toBe(0);
+    await expectFirstKsetWrittenWhole(h);
     // New keys after the restart are in a known epoch again.
     await writeXAndCloseKset(h, v1, 3000);
     await writeXAndCloseKset(h, v2, 4000);

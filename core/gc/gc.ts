@@ -90,18 +90,13 @@ export class Gc {
     }
   }
 
-  /** Whether GC should reclaim now. */
-  needGc(): boolean {
-    return gcWanted(this.ctx);
-  }
-
   /** Reclaim ksets from key_tail while needed; returns the ksets reclaimed. */
   collect(): number {
     const { s } = this.ctx;
     let done = 0;
     // Bounded: at most the whole log once per call.
     const bound = this.ctx.segs.n_segs * 4096;
-    while (done < bound && this.needGc()) {
+    while (done < bound && gcWanted(this.ctx)) {
       const outcome = this.step();
       if (outcome !== "progress") break;
       done++;

@@ -42,6 +42,11 @@ import { waitChangeAsync } from "../sync/wait_word.ts";
 /** The stamp of replayed keys and the epoch writeback knows before its first boundary. */
 export const EPOCH_UNKNOWN = 0;
 
+/** First word of ring entry number `n` (a counter; entries wrap around the ring). */
+function entryWord(n: number): number {
+  return (n % EPOCH_RING_ENTRIES) * EPOCH_RING_ENTRY_WORDS;
+}
+
 /** Next epoch number; 0 is reserved for "unknown" (skipped when the counter wraps). */
 function after(epoch: number): number {
   const next = (epoch + 1) | 0;
@@ -117,7 +122,7 @@ export class FlushEpochs {
     const c = this.s.ctl;
     const head = Atomics.load(c, CTL_EPOCH_RING_HEAD);
     if (head - Atomics.load(c, CTL_EPOCH_RING_TAIL) >= EPOCH_RING_ENTRIES) return;
-    const at = (head % EPOCH_RING_ENTRIES) * EPOCH_RING_ENTRY_WORDS;
+    const at = entryWord(head);
     const ring = this.s.epoch_ring;
     ring[at] = cache_seg_id;
     ring[at + 1] = seg_off;
@@ -143,7 +148,7 @@ export class EpochCursor {
     for (;;) {
       const tail = Atomics.load(c, CTL_EPOCH_RING_TAIL);
       if (tail === Atomics.load(c, CTL_EPOCH_RING_HEAD)) break;
-      const at = (tail % EPOCH_RING_ENTRIES) * EPOCH_RING_ENTRY_WORDS;
+      const at = entryWord(tail);
       if (ring[at] !== cache_seg_id || ring[at + 1] !== seg_off) break;
       this.epoch = ring[at + 2];
       Atomics.store(c, CTL_EPOCH_RING_TAIL, tail + 1);
@@ -162,7 +167,7 @@ export class EpochCursor {
     for (let n = 0; n < EPOCH_RING_ENTRIES; n++) {
       const tail = Atomics.load(c, CTL_EPOCH_RING_TAIL);
       if (tail === Atomics.load(c, CTL_EPOCH_RING_HEAD)) return;
-      const at = (tail % EPOCH_RING_ENTRIES) * EPOCH_RING_ENTRY_WORDS;
+      const at = entryWord(tail);
       if (ring[at] === cache_seg_id && ring[at + 1] === seg_off) return;
       Atomics.store(c, CTL_EPOCH_RING_TAIL, tail + 1);
     }

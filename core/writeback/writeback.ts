@@ -97,11 +97,12 @@ export class Writeback {
       const seen = Atomics.load(s.waits, WAIT_LOG_APPENDED);
       const seen_control = Atomics.load(s.waits, WAIT_CONTROL);
       const drains_seen = this.gate.drainsSeen();
-      if (!this.atKeyHead() && this.gate.check(performance.now()) === "deferred") {
+      const at_head = this.atKeyHead();
+      if (!at_head && this.gate.check(performance.now()) === "deferred") {
         await waitChangeAsync(s.waits, WAIT_CONTROL, seen_control, DEFER_POLL_MS);
         continue;
       }
-      const outcome = await this.step();
+      const outcome = at_head ? this.caughtUp() : await this.writeNext();
       if (outcome === "progress") continue;
       if (outcome === "error") {
         await waitChangeAsync(s.waits, WAIT_CONTROL, Atomics.load(s.waits, WAIT_CONTROL), this.retry_delay_ms);
@@ -123,14 +124,22 @@ export class Writeback {
     return at_head;
   }
 
-  /** Write back one kset (or follow one LAST kset). */
+  /** Write back one kset (or follow one LAST kset); "idle" when there is nothing to write back. */
   async step(): Promise<"progress" | "idle" | "error"> {
+    return this.atKeyHead() ? this.caughtUp() : this.writeNext();
+  }
+
+  /** dirty_tail is at key_head: boundaries recorded elsewhere can no longer be met in order. */
+  private caughtUp(): "idle" {
+    const s = this.ctx.s;
+    this.epochs.caughtUp(s.pos[POS_DIRTY_TAIL], s.pos[POS_DIRTY_TAIL + 1]);
+    return "idle";
+  }
+
+  /** Write back the kset at dirty_tail, which is not at key_head. */
+  private async writeNext(): Promise<"progress" | "error"> {
     const { s, media } = this.ctx;
     const dirty = { cache_seg_id: s.pos[POS_DIRTY_TAIL], seg_off: s.pos[POS_DIRTY_TAIL + 1] };
-    if (this.atKeyHead()) {
-      this.epochs.caughtUp(dirty.cache_seg_id, dirty.seg_off);
-      return "idle";
-    }
     const epoch = this.epochs.at(dirty.cache_seg_id, dirty.seg_off);
     const kset = readKsetAt(media.dom, this.walk_meta, dirty, { backing_size_bytes: media.backing_size_bytes, verify_data_crc: media.data_crc });
     if (kset.kind === "end") {
