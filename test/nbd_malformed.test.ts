@@ -907,13 +907,33 @@ describe("connection behaviour", () => {
       await c.read(16 + 512);
     }
     expect(s.server.pipelined_requests).toBe(0);
-    // Three sent together while the export holds the first: the second and third count.
+    // Three sent together while the export holds the first: each began with the others sent.
     gate = new Promise<void>((r) => (release = r));
     c.send(bytes(...[10, 11, 12].map((i) => request(W.CMD_READ, 0, i, i * 512, 512))));
     await Bun.sleep(100);
     release();
     for (let i = 0; i < 3; i++) await c.read(16 + 512);
-    expect(s.server.pipelined_requests).toBe(2);
+    expect(s.server.pipelined_requests).toBe(3);
+  });
+
+  test("a large WRITE counts as pipelined when the next request arrived before its reply", async () => {
+    // A streaming writer's 1 MiB WRITEs arrive over several reads: the first one completes before
+    // the next is whole, so none is ever in flight with another. The bytes of the next request,
+    // already received when the first is dispatched, still show that the client keeps a queue.
+    const s = await server();
+    const c = await simpleSession(s);
+    const len = 256 * 1024;
+    const first = request(W.CMD_WRITE, 0, 1, 0, len, new Uint8Array(len).fill(1));
+    const second = request(W.CMD_WRITE, 0, 2, len, len, new Uint8Array(len).fill(2));
+    c.send(first.subarray(0, 1000));
+    await Bun.sleep(20);
+    c.send(bytes(first.subarray(1000), second.subarray(0, 1000)));
+    await expectBytes(c, simpleReply(0, 1));
+    expect(s.server.pipelined_requests).toBe(1);
+    c.send(second.subarray(1000));
+    await expectBytes(c, simpleReply(0, 2));
+    // The second began with nothing else sent or in flight.
+    expect(s.server.pipelined_requests).toBe(1);
   });
 
   test("requests in flight per connection are capped; the rest wait, then all complete", async () => {

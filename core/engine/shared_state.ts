@@ -100,7 +100,7 @@ export const STAT_BUSY_POLL_HITS = 18;
 export const STAT_BUSY_POLL_US = 19;
 /** Dirty bytes writeback left out because a later key of the same flush epoch overwrote them. */
 export const STAT_WRITEBACK_SKIPPED_BYTES = 20;
-/** Requests that began while another was in flight on the same request worker (published every 100 ms). */
+/** Requests that began pipelined on the request worker (core/nbd/connection.ts ServerLoad; published every 100 ms). */
 export const STAT_PIPELINED_REQUESTS = 21;
 export const STAT_WORDS = 24;
 

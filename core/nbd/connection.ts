@@ -95,7 +95,10 @@ export interface ConnectionOptions {
 export interface ServerLoad {
   /** Requests dispatched and not yet answered, over every connection of the server. */
   inflight: number;
-  /** Requests dispatched while another was in flight: clients that keep a queue, not one at a time. */
+  /**
+   * Requests dispatched while another was in flight or with more bytes already received after
+   * them: clients that keep a queue, not one at a time.
+   */
   pipelined: number;
 }
 
@@ -389,7 +392,9 @@ export class NbdConnection {
     const s = this.session!;
     const cost = req.type === W.CMD_READ || req.type === W.CMD_WRITE ? req.length : 0;
     const load = this.opts.load;
-    if (load.inflight > 0) load.pipelined++;
+    // Pipelined: another request is in flight, or the client sent more before this one's reply
+    // (a large WRITE arrives over several reads, so it is seldom in flight with the next one).
+    if (load.inflight > 0 || this.recv.length > 0) load.pipelined++;
     load.inflight++;
     this.inflight++;
     this.inflight_bytes += cost;

@@ -198,7 +198,7 @@ export class NbdServer {
     return this.connections.size;
   }
 
-  /** Requests dispatched while another was in flight on this server (core/writeback/defer.ts). */
+  /** Requests dispatched pipelined on this server (ServerLoad; core/writeback/defer.ts). */
   get pipelined_requests(): number {
     return this.load.pipelined;
   }

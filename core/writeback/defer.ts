@@ -11,7 +11,8 @@
  *   - GC wants to reclaim (gc_percent of the cache used, a writer waiting for a segment, or index
  *     nodes running low): GC can only free what writeback has passed, so from there on writeback
  *     runs as the kernel's does;
- *   - no request began while another was in flight on its request worker for PIPELINED_WINDOW_MS.
+ *   - no request began pipelined (while another was in flight on its request worker, or with the
+ *     client's next request already received) for PIPELINED_WINDOW_MS.
  *     A client that sends one request at a time waits for each reply, so the CPU has room for
  *     writeback between its requests (and on a VM, writeback keeping the CPUs awake makes those
  *     round trips faster: measured, write+flush pairs at QD1 ran at half speed when deferred);
