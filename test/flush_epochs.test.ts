@@ -19,6 +19,7 @@ import {
   STAT_WRITEBACK_SKIPPED_BYTES,
 } from "../core/engine/shared_state.ts";
 import { EPOCH_UNKNOWN, EpochCursor } from "../core/log/flush_epochs.ts";
+import { CLOSE_FOR_SKIP_MIN_BYTES } from "../core/writeback/writeback.ts";
 import { lock, unlock } from "../core/sync/lock.ts";
 import { freshCache, type Harness, newHarness, openHarness, pattern } from "./helpers/engine_harness.ts";
 
@@ -74,9 +75,30 @@ describe("writeback within a flush epoch", () => {
   test("an overwrite still in an open kset proves nothing: the earlier version is written", async () => {
     const h = newHarness();
     await writeXAndCloseKset(h, v1, 1000);
-    await write(h, X, v2); // kset open: lost in a crash, so it cannot stand in for v1
+    // Kset open: lost in a crash, so it cannot stand in for v1; too small to close it early for.
+    await write(h, X, v2);
     await expectFirstKsetWrittenWhole(h);
     h.engine.ctx.log.stopTimers();
+  });
+
+  test("a large overwrite in an open kset: writeback closes that kset, then leaves the earlier version out", async () => {
+    const h = newHarness();
+    const big_off = 2 * 1024 * 1024; // same 4 MiB region (kset 0), clear of the fillers
+    const big_v1 = pattern(CLOSE_FOR_SKIP_MIN_BYTES, 303);
+    const big_v2 = pattern(CLOSE_FOR_SKIP_MIN_BYTES, 404);
+    await write(h, big_off, big_v1);
+    for (let i = 1; i < KSET_KEYS_MAX; i++) await write(h, i * BLOCK, pattern(BLOCK, 500 + i));
+    await write(h, big_off, big_v2); // open kset: writeback may close it to use it
+    const log = h.engine.ctx.log;
+    const closes_before = log.closes(0);
+    expect(await h.writeback.step()).toBe("progress");
+    expect(log.closes(0)).toBe(closes_before + 1);
+    expect(h.backing.bytes.subarray(big_off, big_off + CLOSE_FOR_SKIP_MIN_BYTES).every((b) => b === 0)).toBe(true);
+    expect(backingAt(h, BLOCK)).toEqual(pattern(BLOCK, 501)); // the rest of the kset went
+    expect(skippedBytes(h)).toBe(CLOSE_FOR_SKIP_MIN_BYTES);
+    expect(await h.writeback.step()).toBe("progress");
+    expect(h.backing.bytes.subarray(big_off, big_off + CLOSE_FOR_SKIP_MIN_BYTES)).toEqual(big_v2);
+    log.stopTimers();
   });
 
   test("a FLUSH between the versions ends the epoch: the earlier version is written", async () => {

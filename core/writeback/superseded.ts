@@ -6,6 +6,7 @@
  *
  * The later key must already be on media (its kset closed): otherwise a crash could lose it
  * while GC reclaims the earlier one, and the bytes would read back older than before the crash.
+ * Writeback may close such a kset first when that saves enough (Writeback.closeForSkips).
  */
 import { assert } from "../assert.ts";
 import { KEY_F_CLEAN, KEY_F_EMPTY } from "../format/constants.ts";
@@ -28,8 +29,18 @@ export interface Run {
 /** Bound on index keys visited for one extent (an extent spans at most 4 MiB of one subtree). */
 const KEYS_PER_EXTENT_MAX = 1 << 14;
 
-/** The runs of e to write, in offset order. */
-export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView, segs: Pick<SegmentTable, "gen">): Run[] {
+/**
+ * The runs of e to write, in offset order. With `held_back`, also counts, per kset id, the bytes
+ * of e that later keys still in an open kset would let writeback skip once that kset closed.
+ */
+export function liveRuns(
+  idx: KeyIndex,
+  e: Extent,
+  epoch: number,
+  log: LogView,
+  segs: Pick<SegmentTable, "gen">,
+  held_back?: Map<number, number>,
+): Run[] {
   if (epoch === EPOCH_UNKNOWN) return [{ off: e.off, len: e.len }];
   const end = e.off + e.len;
   const s = idx.subtreeOf(e.off);
@@ -41,10 +52,15 @@ export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView, 
     let n = idx.ceiling(s, e.off);
     for (let visited = 0; n !== NIL && idx.off[n] < end; visited++) {
       assert(visited < KEYS_PER_EXTENT_MAX, "index walk over one extent did not end");
-      if (overwrites(idx, n, e, epoch, log, segs)) {
+      const verdict = overwrites(idx, n, e, epoch, log, segs);
+      if (verdict === Overwrite.YES) {
         const from = Math.max(idx.off[n], e.off);
         if (from > cursor) runs.push({ off: cursor, len: from - cursor });
         cursor = Math.min(idx.off[n] + idx.len[n], end);
+      } else if (verdict === Overwrite.ONCE_CLOSED && held_back !== undefined) {
+        const bytes = Math.min(idx.off[n] + idx.len[n], end) - Math.max(idx.off[n], e.off);
+        const kset_id = log.ksetIdOf(idx.off[n]);
+        held_back.set(kset_id, (held_back.get(kset_id) ?? 0) + bytes);
       }
       n = idx.next(s, n);
     }
@@ -55,15 +71,22 @@ export function liveRuns(idx: KeyIndex, e: Extent, epoch: number, log: LogView, 
   return runs;
 }
 
+const enum Overwrite {
+  NO,
+  YES,
+  /** It would, but its kset has not closed since it was appended. */
+  ONCE_CLOSED,
+}
+
 /** Key n is a different, live, dirty key of e's flush epoch (so it is later than e in the log). */
-function overwrites(idx: KeyIndex, n: number, e: Extent, epoch: number, log: LogView, segs: Pick<SegmentTable, "gen">): boolean {
-  if ((idx.flags[n] & (KEY_F_CLEAN | KEY_F_EMPTY)) !== 0) return false;
-  if (idx.flush_epoch[n] !== epoch) return false;
-  if (log.closes(log.ksetIdOf(idx.off[n])) === idx.kset_closes[n]) return false;
+function overwrites(idx: KeyIndex, n: number, e: Extent, epoch: number, log: LogView, segs: Pick<SegmentTable, "gen">): Overwrite {
+  if ((idx.flags[n] & (KEY_F_CLEAN | KEY_F_EMPTY)) !== 0) return Overwrite.NO;
+  if (idx.flush_epoch[n] !== epoch) return Overwrite.NO;
   const seg = idx.cache_seg_id[n];
   // A key over a reclaimed segment is no proof of anything.
-  if (idx.seg_gen[n] !== segs.gen(seg)) return false;
+  if (idx.seg_gen[n] !== segs.gen(seg)) return Overwrite.NO;
   // The same cached bytes (e itself, possibly trimmed by later keys) are not a later key.
-  const same = seg === e.cache_seg_id && idx.seg_gen[n] === e.seg_gen && idx.seg_off[n] - idx.off[n] === e.seg_off - e.off;
-  return !same;
+  if (seg === e.cache_seg_id && idx.seg_gen[n] === e.seg_gen && idx.seg_off[n] - idx.off[n] === e.seg_off - e.off) return Overwrite.NO;
+  if (log.closes(log.ksetIdOf(idx.off[n])) === idx.kset_closes[n]) return Overwrite.ONCE_CLOSED;
+  return Overwrite.YES;
 }
