@@ -9,9 +9,14 @@
 import { describe, expect, test } from "bun:test";
 import { MemoryBacking } from "../core/device/memory_backing.ts";
 import {
+  CTL_CACHE_FULL,
   CTL_GC_PERCENT,
   CTL_SEGS_USED,
   CTL_WRITEBACK_DEFERRED,
+  LOCK_DIRTY_TAIL,
+  LOCK_KEY_TAIL,
+  POS_DIRTY_TAIL,
+  POS_KEY_TAIL,
   SharedState,
   STAT_PIPELINED_REQUESTS,
   STAT_WRITEBACK_BYTES,
@@ -19,6 +24,9 @@ import {
 } from "../core/engine/shared_state.ts";
 import { forceWriteback, PIPELINED_WINDOW_MS, setDeferMs, WritebackGate } from "../core/writeback/defer.ts";
 import { atGcPercent } from "../core/gc/gc_percent.ts";
+import { gcWaitsForWriteback } from "../core/gc/gc.ts";
+import { posEqual } from "../core/log/position.ts";
+import { readPos } from "../core/engine/tails.ts";
 import { closeWithLoops, freshCache, openHarness, pattern, startLoops } from "./helpers/engine_harness.ts";
 
 const N_SEGS = 100;
@@ -30,6 +38,8 @@ function state(defer_ms: number): SharedState {
   return s;
 }
 
+const NO_GC = { wanted: () => false, waitsForWriteback: () => false };
+
 /** Request worker `slot` publishes one more pipelined request. */
 function request(s: SharedState, slot = 0): void {
   s.addStat(slot, STAT_PIPELINED_REQUESTS, 1);
@@ -38,7 +48,7 @@ function request(s: SharedState, slot = 0): void {
 describe("the writeback gate", () => {
   test("defer 0 is the kernel's behaviour: writeback runs whatever the clients do", () => {
     const s = state(0);
-    const g = new WritebackGate(s, () => false);
+    const g = new WritebackGate(s, NO_GC);
     for (let t = 0; t < 1000; t += 10) {
       request(s);
       expect(g.check(t)).toBe("off");
@@ -48,7 +58,7 @@ describe("the writeback gate", () => {
 
   test("runs at start; pipelined requests on any worker defer it; PIPELINED_WINDOW_MS without one ends the wait", () => {
     const s = state(30_000);
-    const g = new WritebackGate(s, () => false);
+    const g = new WritebackGate(s, NO_GC);
     expect(g.check(0)).toBe("unqueued");
     request(s, 1);
     expect(g.check(10)).toBe("deferred");
@@ -63,7 +73,7 @@ describe("the writeback gate", () => {
 
   test("dirty data waits at most defer_ms, then writeback runs until it catches up; the next wait starts then", () => {
     const s = state(1_000);
-    const g = new WritebackGate(s, () => false);
+    const g = new WritebackGate(s, NO_GC);
     g.check(0);
     let t = 0;
     for (; t < 1_000; t += 20) {
@@ -83,19 +93,28 @@ describe("the writeback gate", () => {
     expect(g.check(t + 1_000)).toBe("age");
   });
 
-  test("whenever GC wants to reclaim, writeback runs", () => {
+  test("GC wanting to reclaim: writeback runs once GC has nothing left without it, then until GC stops wanting", () => {
     const s = state(30_000);
-    let gc_wanted = false;
-    const g = new WritebackGate(s, () => gc_wanted);
+    const gc = { wanted: false, waits: false };
+    const g = new WritebackGate(s, { wanted: () => gc.wanted, waitsForWriteback: () => gc.waits });
     g.check(0);
     request(s);
     expect(g.check(1)).toBe("deferred");
-    gc_wanted = true;
+    gc.wanted = true; // data already written back is left to reclaim: dirty data goes on waiting
     request(s);
-    expect(g.check(2)).toBe("gc");
-    gc_wanted = false;
+    expect(g.check(2)).toBe("deferred");
+    gc.waits = true;
     request(s);
-    expect(g.check(3)).toBe("deferred");
+    expect(g.check(3)).toBe("gc");
+    gc.waits = false; // GC reclaims what writeback passed: writeback keeps going meanwhile
+    request(s);
+    expect(g.check(4)).toBe("gc");
+    gc.wanted = false;
+    request(s);
+    expect(g.check(5)).toBe("deferred");
+    gc.wanted = true; // a new round starts only once GC waits again
+    request(s);
+    expect(g.check(6)).toBe("deferred");
   });
 
   test("gc_percent uses the kernel's integer math, the same for GC, the wedge monitor and the gate; gc_percent 0 always holds", () => {
@@ -112,7 +131,7 @@ describe("the writeback gate", () => {
 
   test("a drain forces writeback until it catches up; a drain counted after writeback's look stays forced", () => {
     const s = state(30_000);
-    const g = new WritebackGate(s, () => false);
+    const g = new WritebackGate(s, NO_GC);
     g.check(0);
     request(s);
     expect(g.check(1)).toBe("deferred");
@@ -129,6 +148,40 @@ describe("the writeback gate", () => {
     g.caughtUp(g.drainsSeen());
     request(s);
     expect(g.check(4)).toBe("deferred");
+  });
+});
+
+describe("when GC waits for writeback", () => {
+  test("data already written back is reclaimed first; GC waits once key_tail reaches dirty_tail", async () => {
+    const h = openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+    const ctx = h.engine.ctx;
+    const s = ctx.s;
+    const tailsMeet = () => posEqual(readPos(s, LOCK_KEY_TAIL, POS_KEY_TAIL), readPos(s, LOCK_DIRTY_TAIL, POS_DIRTY_TAIL));
+    try {
+      await h.engine.write(0, pattern(256 * 1024, 1), false);
+      await h.engine.flush();
+      while ((await h.writeback.step()) === "progress");
+      await h.engine.write(2 ** 20, pattern(256 * 1024, 2), false);
+      await h.engine.flush();
+      s.ctl[CTL_GC_PERCENT] = 1;
+      expect(atGcPercent(s)).toBe(true);
+      expect(tailsMeet()).toBe(false);
+      expect(gcWaitsForWriteback(ctx)).toBe(false); // clean data left to reclaim
+      expect(h.gc.collect()).toBeGreaterThan(0);
+      expect(tailsMeet()).toBe(true);
+      expect(gcWaitsForWriteback(ctx)).toBe(true);
+      // Data written back again: GC has work without writeback, unless it cannot wait.
+      while ((await h.writeback.step()) === "progress");
+      expect(gcWaitsForWriteback(ctx)).toBe(false);
+      s.ctl[CTL_GC_PERCENT] = 0;
+      expect(gcWaitsForWriteback(ctx)).toBe(true);
+      s.ctl[CTL_GC_PERCENT] = 70;
+      s.ctl[CTL_CACHE_FULL] = 1;
+      expect(gcWaitsForWriteback(ctx)).toBe(true);
+      s.ctl[CTL_CACHE_FULL] = 0;
+    } finally {
+      ctx.log.stopTimers();
+    }
   });
 });
 

@@ -12,12 +12,14 @@ import { readKsetAt } from "../log/read_kset.ts";
 import { lock, unlock } from "../sync/lock.ts";
 import { waitChangeAsync } from "../sync/wait_word.ts";
 import type { EngineContext } from "../engine/context.ts";
-import { advanceTail } from "../engine/tails.ts";
+import { advanceTail, readPos } from "../engine/tails.ts";
 import {
   CTL_CACHE_FULL,
   CTL_GC_ERROR,
+  CTL_GC_PERCENT,
   CTL_STOPPING,
   LOCK_DIRTY_TAIL,
+  LOCK_KEY_TAIL,
   POS_DIRTY_TAIL,
   POS_KEY_TAIL,
   STAT_GC_RUNS,
@@ -28,6 +30,7 @@ import {
 } from "../engine/shared_state.ts";
 import { DecodeCollector } from "../threads/collect.ts";
 import { atGcPercent } from "./gc_percent.ts";
+import { posEqual } from "../log/position.ts";
 
 /** GC re-checks at least this often even without a signal. */
 export const GC_PERIOD_MS = 5_000;
@@ -45,14 +48,29 @@ const GC_COLLECT_EVERY_ITEMS = 131_072;
 
 /**
  * Whether GC wants to reclaim: gc_percent of the segments used, a request waiting for a segment,
- * or index nodes running low. GC frees only what writeback has passed, so writeback never
- * defers while this holds (core/writeback/defer.ts).
+ * or index nodes running low. GC frees only what writeback has passed; gcNeedsWriteback says when
+ * that holds it up.
  */
 export function gcWanted(ctx: EngineContext): boolean {
   const { s, idx } = ctx;
   if (atGcPercent(s)) return true;
   if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return true;
   return idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION;
+}
+
+/**
+ * Whether GC has nothing left to reclaim without writeback: everything writeback passed is
+ * reclaimed (key_tail at dirty_tail), or GC cannot wait for that (a request waits for a segment,
+ * index nodes run low, gc_percent 0). While data already written back is left, GC makes room
+ * without writeback: a cache a drain left clean (the bench's settle step) is reclaimed first,
+ * and dirty data goes on waiting (core/writeback/defer.ts).
+ */
+export function gcWaitsForWriteback(ctx: EngineContext): boolean {
+  const { s, idx } = ctx;
+  if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return true;
+  if (idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION) return true;
+  if (Atomics.load(s.ctl, CTL_GC_PERCENT) === 0) return true;
+  return posEqual(readPos(s, LOCK_KEY_TAIL, POS_KEY_TAIL), readPos(s, LOCK_DIRTY_TAIL, POS_DIRTY_TAIL));
 }
 
 export class Gc {

@@ -9,8 +9,10 @@
  *   - deferral is off (defer_ms 0: the kernel's behaviour, and the engine's default);
  *   - a drain asked for it (`pcache drain`); it stays on until writeback catches up;
  *   - GC wants to reclaim (gc_percent of the cache used, a writer waiting for a segment, or index
- *     nodes running low): GC can only free what writeback has passed, so from there on writeback
- *     runs as the kernel's does;
+ *     nodes running low) and has nothing left to reclaim without writeback (data already written
+ *     back goes first: core/gc/gc.ts gcWaitsForWriteback); from then on, while GC wants to
+ *     reclaim, writeback runs as the kernel's does (starting and stopping at each kset would
+ *     leave writeback idle while GC catches up, and a long burst filled the cache: measured);
  *   - no request began pipelined (while another was in flight on its request worker, or with the
  *     client's next request already received) for PIPELINED_WINDOW_MS.
  *     A client that sends one request at a time waits for each reply, so the CPU has room for
@@ -53,6 +55,14 @@ export function setDeferMs(s: SharedState, defer_ms: number): void {
 /** Why writeback runs now, or "deferred". */
 export type GateVerdict = "off" | "drain" | "gc" | "unqueued" | "age" | "deferred";
 
+/** What the gate asks of GC (core/gc/gc.ts). */
+export interface GcView {
+  /** GC wants to reclaim (gcWanted). */
+  wanted(): boolean;
+  /** GC has nothing left to reclaim without writeback, or cannot wait (gcWaitsForWriteback). */
+  waitsForWriteback(): boolean;
+}
+
 export class WritebackGate {
   /** Pipelined requests at the last look; a change since then counts as one at this look. */
   private pipelined: number;
@@ -60,11 +70,12 @@ export class WritebackGate {
   private pipelined_ms = -Infinity;
   /** Since when dirty data has waited (null: writeback is caught up). */
   private dirty_since_ms: number | null = null;
+  /** Writeback runs for GC, until GC no longer wants to reclaim. */
+  private for_gc = false;
 
   constructor(
     private readonly s: SharedState,
-    /** Whether GC wants to reclaim (core/gc/gc.ts gcWanted): then writeback never waits. */
-    private readonly gc_wanted: () => boolean,
+    private readonly gc: GcView,
   ) {
     this.pipelined = this.pipelinedRequests();
   }
@@ -100,7 +111,11 @@ export class WritebackGate {
     const defer_ms = Atomics.load(s.ctl, CTL_WRITEBACK_DEFER_MS);
     if (defer_ms === 0) return "off";
     if (Atomics.load(s.ctl, CTL_WRITEBACK_FORCE) !== 0) return "drain";
-    if (this.gc_wanted()) return "gc";
+    if (!this.gc.wanted()) this.for_gc = false;
+    else if (this.for_gc || this.gc.waitsForWriteback()) {
+      this.for_gc = true;
+      return "gc";
+    }
     if (now_ms - this.pipelined_ms >= PIPELINED_WINDOW_MS) return "unqueued";
     if (now_ms - dirty_since_ms >= defer_ms) return "age";
     return "deferred";

@@ -45,7 +45,7 @@ import { dedupeKset, type Extent } from "./dedupe.ts";
 import { EpochCursor } from "../log/flush_epochs.ts";
 import { liveRuns } from "./superseded.ts";
 import { DEFER_POLL_MS, WritebackGate } from "./defer.ts";
-import { gcWanted } from "../gc/gc.ts";
+import { gcWaitsForWriteback, gcWanted } from "../gc/gc.ts";
 
 /** Backing writes in flight for one kset. */
 export const WRITEBACK_QD = 16;
@@ -87,7 +87,7 @@ export class Writeback {
     // Generations change while we run: stale-ness is judged against the shared table.
     this.walk_meta = { n_segs: meta.n_segs, seg_ids: meta.seg_ids, seg_gens: ctx.s.seg_gens, data_crc: meta.data_crc };
     this.epochs = new EpochCursor(ctx.s);
-    this.gate = new WritebackGate(ctx.s, () => gcWanted(ctx));
+    this.gate = new WritebackGate(ctx.s, { wanted: () => gcWanted(ctx), waitsForWriteback: () => gcWaitsForWriteback(ctx) });
   }
 
   private readonly walk_meta: WalkMeta;
