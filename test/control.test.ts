@@ -565,7 +565,7 @@ describe("writeback deferral with a busy client (fio)", () => {
       expect(last_busy.ksets_closed - before.ksets_closed).toBeGreaterThan(50);
       expect(last_busy.writeback_ksets - before.writeback_ksets).toBeLessThan((last_busy.ksets_closed - before.ksets_closed) / 10);
       expect(busy.filter((j) => j.writeback_deferred).length).toBeGreaterThan(busy.length / 2);
-      expect(busy_text).toMatch(/^writeback {9}.*; ok, deferred while clients keep requests in flight \(up to 30 s, or until gc_percent of the cache is used\)$/m);
+      expect(busy_text).toMatch(/^writeback {9}.*; ok, deferred while clients keep requests in flight \(up to 30 s, or until GC needs the room\)$/m);
       // Idle now: writeback catches up by itself.
       let j = await statusJson("--control", s.control);
       for (let i = 0; i < 100 && (j.dirty_bytes !== 0 || j.writeback_deferred); i++) {

@@ -32,7 +32,7 @@ function writebackState(st: StatusSnapshot): string {
   if (st.read_only) return "off (read-only server)";
   if (st.writeback_paused) return "PAUSED (test hook)";
   if (st.writeback_error_errno !== 0) return `FAILING: backing write errors, ${formatErrno(st.writeback_error_errno)}; retrying`;
-  if (st.writeback_deferred) return `ok, deferred while clients keep requests in flight (up to ${formatDeferMs(st.writeback_defer_ms)}, or until gc_percent of the cache is used)`;
+  if (st.writeback_deferred) return `ok, deferred while clients keep requests in flight (up to ${formatDeferMs(st.writeback_defer_ms)}, or until GC needs the room)`;
   return st.writeback_defer_ms === 0 ? "ok, deferral off" : "ok";
 }
 

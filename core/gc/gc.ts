@@ -48,7 +48,7 @@ const GC_COLLECT_EVERY_ITEMS = 131_072;
 
 /**
  * Whether GC wants to reclaim: gc_percent of the segments used, a request waiting for a segment,
- * or index nodes running low. GC frees only what writeback has passed; gcNeedsWriteback says when
+ * or index nodes running low. GC frees only what writeback has passed; gcWaitsForWriteback says when
  * that holds it up.
  */
 export function gcWanted(ctx: EngineContext): boolean {
