@@ -58,7 +58,7 @@ export const serveCommand = defineCommand({
     },
     "writeback-defer-ms": {
       type: "string",
-      description: `while clients keep several requests in flight and less than gc_percent of the cache is used, let dirty data (already persistent in the cache) wait up to this many ms before writing it back; writeback runs at once after ${PIPELINED_WINDOW_MS} ms without such a request, or on \`pcache drain\`; 0..${DEFER_MS_MAX}, 0 writes back at once as the kernel does`,
+      description: `while clients keep several requests in flight and GC can make room without writeback, let dirty data (already persistent in the cache) wait up to this many ms before writing it back; writeback runs at once after ${PIPELINED_WINDOW_MS} ms without such a request, or on \`pcache drain\`; 0..${DEFER_MS_MAX}, 0 writes back at once as the kernel does`,
       default: String(DEFER_MS_DEFAULT),
     },
     control: { type: "string", description: "control socket for status, gc-percent and drain (default: derived from the cache path, under $XDG_RUNTIME_DIR/pcache or /tmp/pcache-UID)" },
@@ -160,7 +160,7 @@ async function serve(args: ServeArgs): Promise<number> {
     log.info(
       writeback_defer_ms === 0
         ? "writeback: at once (deferral off)"
-        : `writeback: deferred while clients keep requests in flight and the cache is below gc_percent, up to ${writeback_defer_ms} ms`,
+        : `writeback: deferred while clients keep requests in flight and GC can make room without it, up to ${writeback_defer_ms} ms`,
     );
     process.stdout.write(`listening: ${runtime.uri}\ncontrol: ${runtime.control_path}\n`);
   }

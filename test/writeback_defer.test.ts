@@ -1,10 +1,11 @@
 /**
  * Writeback deferral (core/writeback/defer.ts): while clients keep requests in flight (pipelined)
- * and the cache is below gc_percent, dirty data waits; it goes to the backing device once no
- * request was pipelined for a while, once it has waited defer_ms, once the cache reaches
- * gc_percent or a writer waits for space, or when a drain asks. First the gate's rules one by
- * one, then the writeback loop over a real engine (the NBD server's pipelined count is bumped by
- * hand there; test/control.test.ts drives the binary with fio).
+ * and GC can make room without writeback, dirty data waits; it goes to the backing device once no
+ * request was pipelined for a while, once it has waited defer_ms, once GC waits for it (gc_percent
+ * reached and the data already written back reclaimed, or a writer waiting for space), or when a
+ * drain asks. First the gate's rules one by one, then when GC waits for writeback and the
+ * writeback loop over a real engine (the NBD server's pipelined count is bumped by hand there;
+ * test/control.test.ts drives the binary with fio).
  */
 import { describe, expect, test } from "bun:test";
 import { MemoryBacking } from "../core/device/memory_backing.ts";
@@ -39,6 +40,11 @@ function state(defer_ms: number): SharedState {
 }
 
 const NO_GC = { wanted: () => false, waitsForWriteback: () => false };
+
+/** An engine whose writeback defers for up to a minute. */
+function deferringHarness(): ReturnType<typeof openHarness> {
+  return openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+}
 
 /** Request worker `slot` publishes one more pipelined request. */
 function request(s: SharedState, slot = 0): void {
@@ -153,7 +159,7 @@ describe("the writeback gate", () => {
 
 describe("when GC waits for writeback", () => {
   test("data already written back is reclaimed first; GC waits once key_tail reaches dirty_tail", async () => {
-    const h = openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+    const h = deferringHarness();
     const ctx = h.engine.ctx;
     const s = ctx.s;
     const tailsMeet = () => posEqual(readPos(s, LOCK_KEY_TAIL, POS_KEY_TAIL), readPos(s, LOCK_DIRTY_TAIL, POS_DIRTY_TAIL));
@@ -205,7 +211,7 @@ describe("the writeback loop with deferral", () => {
   }
 
   test("pipelined: nothing reaches the backing device and status says deferred; then it all goes", async () => {
-    const h = openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+    const h = deferringHarness();
     const s = h.engine.ctx.s;
     const loops = startLoops(h.writeback, h.gc);
     try {
@@ -227,7 +233,7 @@ describe("the writeback loop with deferral", () => {
   });
 
   test("a drain writes back while the clients stay busy", async () => {
-    const h = openHarness(freshCache(), new MemoryBacking(64 * 2 ** 20), { writeback_defer_ms: 60_000 });
+    const h = deferringHarness();
     const s = h.engine.ctx.s;
     const loops = startLoops(h.writeback, h.gc);
     try {

@@ -52,10 +52,13 @@ const GC_COLLECT_EVERY_ITEMS = 131_072;
  * that holds it up.
  */
 export function gcWanted(ctx: EngineContext): boolean {
+  return atGcPercent(ctx.s) || spaceShort(ctx);
+}
+
+/** A request waits for a segment, or index nodes run low: GC must reclaim now, whatever it takes. */
+function spaceShort(ctx: EngineContext): boolean {
   const { s, idx } = ctx;
-  if (atGcPercent(s)) return true;
-  if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return true;
-  return idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION;
+  return Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0 || idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION;
 }
 
 /**
@@ -66,10 +69,8 @@ export function gcWanted(ctx: EngineContext): boolean {
  * and dirty data goes on waiting (core/writeback/defer.ts).
  */
 export function gcWaitsForWriteback(ctx: EngineContext): boolean {
-  const { s, idx } = ctx;
-  if (Atomics.load(s.ctl, CTL_CACHE_FULL) !== 0) return true;
-  if (idx.nodesFree() < idx.nodes_max * NODES_LOW_FRACTION) return true;
-  if (Atomics.load(s.ctl, CTL_GC_PERCENT) === 0) return true;
+  const { s } = ctx;
+  if (spaceShort(ctx) || Atomics.load(s.ctl, CTL_GC_PERCENT) === 0) return true;
   return posEqual(readPos(s, LOCK_KEY_TAIL, POS_KEY_TAIL), readPos(s, LOCK_DIRTY_TAIL, POS_DIRTY_TAIL));
 }
 
