@@ -74,6 +74,35 @@ describe("engine paths", () => {
     expect(h.backing.bytes.subarray(0, 300000)).toEqual(await readBack(h, 0, 300000));
   });
 
+  test("the request path finishes at once when it can: a write with room and a cached read return no promise", async () => {
+    const h = newHarness();
+    h.backing.bytes.set(pattern(8192, 6), 65536);
+    expect(h.engine.writeNow(4096, pattern(4096, 1), false)).toBeUndefined();
+    // Given as receive-chunk parts, across a 4 MiB boundary (two keys).
+    expect(h.engine.writeNow(4 * MiB - 4096, [pattern(4096, 2), pattern(4096, 3)], false)).toBeUndefined();
+    const hit = new Uint8Array(4096);
+    expect(h.engine.readNow(4096, 4096, hit)).toBeUndefined();
+    expect([...hit]).toEqual([...pattern(4096, 1)]);
+    const across = new Uint8Array(8192);
+    expect(h.engine.readNow(4 * MiB - 4096, 8192, across)).toBeUndefined();
+    expect(across).toEqual(Uint8Array.from([...pattern(4096, 2), ...pattern(4096, 3)]));
+    // A miss waits for the backing device; once filled, the same range is a hit.
+    const miss = new Uint8Array(8192);
+    const pending = h.engine.readNow(65536, 8192, miss);
+    expect(pending).toBeInstanceOf(Promise);
+    await pending;
+    expect([...miss]).toEqual([...pattern(8192, 6)]);
+    expect(h.engine.readNow(65536, 8192, new Uint8Array(8192))).toBeUndefined();
+    // FUA waits for the flush-epoch boundary.
+    const fua = h.engine.writeNow(8192, pattern(4096, 4), true);
+    expect(fua).toBeInstanceOf(Promise);
+    await fua;
+    // Bad ranges throw at once, with the NBD errno.
+    expect(() => h.engine.writeNow(64 * MiB - 10, new Uint8Array(20), false)).toThrow(expect.objectContaining({ errno: 28 }));
+    expect(() => h.engine.readNow(64 * MiB - 10, 20, new Uint8Array(20))).toThrow(expect.objectContaining({ errno: 22 }));
+    h.engine.ctx.log.stopTimers();
+  });
+
   test("range checks: past the end is refused with the NBD errno", async () => {
     const h = newHarness(1 * MiB);
     await expect(h.engine.write(MiB - 10, new Uint8Array(20), false)).rejects.toMatchObject({ errno: 28 });

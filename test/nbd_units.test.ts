@@ -1,6 +1,7 @@
 /**
  * Unit tests for the NBD layer's pure pieces: receive buffer, buffer pool, extent clipping,
- * listen-address parsing, socket-activation detection, and the memory export.
+ * listen-address parsing, socket-activation detection, the memory export, and one connection
+ * over a recording socket (when replies are written, and in how many writes).
  */
 import { describe, expect, test } from "bun:test";
 import { BufferPool } from "../core/nbd/buffer_pool.ts";
@@ -8,7 +9,11 @@ import { RecvBuffer } from "../core/nbd/recv_buffer.ts";
 import { clipExtents, BLOCK_STATUS_EXTENTS_MAX } from "../core/nbd/transmission.ts";
 import { NbdServer, parseListenAddress, socketActivationFd } from "../core/nbd/server.ts";
 import { MemoryExport } from "../core/nbd/memory_export.ts";
+import * as W from "../core/nbd/wire.ts";
 import { STATE_HOLE, STATE_ZERO } from "../core/nbd/wire.ts";
+import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type NbdSocket } from "../core/nbd/connection.ts";
+import type { MemoryExportOptions } from "../core/nbd/memory_export.ts";
+import { be32, bytes, goData, option, request, simpleReply } from "./helpers/nbd_raw.ts";
 import { PcacheError } from "../core/errors.ts";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -314,5 +319,89 @@ describe("NbdServer lifecycle", () => {
     expect(() => new NbdServer({ export: ex, export_name: "x".repeat(5000), log: quiet })).toThrow(PcacheError);
     expect(() => new NbdServer({ export: ex, block_size_preferred: 1000, log: quiet })).toThrow(PcacheError);
     expect(() => new NbdServer({ export: { ...ex, size_bytes: -1 } as never, log: quiet })).toThrow(PcacheError);
+  });
+});
+
+describe("NbdConnection over a recording socket", () => {
+  const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
+
+  /** A connection in transmission phase whose socket records every write. */
+  function connected(memory: Partial<MemoryExportOptions>) {
+    const exp = new MemoryExport({ size_bytes: 1 << 20, ...memory });
+    const writes: Uint8Array[] = [];
+    const socket: NbdSocket = {
+      write: (d) => {
+        writes.push(d.slice()); // the connection reuses its staging buffer
+        return d.length;
+      },
+      end: () => {},
+      pause: () => {},
+      resume: () => {},
+    };
+    const load = { inflight: 0, pipelined: 0 };
+    const conn = new NbdConnection(socket, {
+      config: { name: "pc", description: "", export: exp, block_size_preferred: 4096 },
+      limits: DEFAULT_CONNECTION_LIMITS,
+      log: () => {},
+      label: "test",
+      read_pool: new BufferPool(),
+      busy_poll: null,
+      is_only_connection: () => true,
+      load,
+    });
+    conn.start();
+    conn.onData(bytes(be32(W.FLAG_C_FIXED_NEWSTYLE | W.FLAG_C_NO_ZEROES)));
+    conn.onData(option(W.OPT_GO, goData("pc")));
+    expect(conn.in_transmission).toBe(true);
+    writes.length = 0;
+    return { exp, conn, writes, load };
+  }
+
+  /** Twenty 512-byte WRITEs, then twenty READs of them, in one received chunk. */
+  function burst(): Uint8Array {
+    const reqs: Uint8Array[] = [];
+    for (let i = 0; i < 20; i++) reqs.push(request(W.CMD_WRITE, 0, i, i * 512, 512, new Uint8Array(512).fill(i + 1)));
+    for (let i = 0; i < 20; i++) reqs.push(request(W.CMD_READ, 0, 100 + i, i * 512, 512));
+    return bytes(...reqs);
+  }
+
+  function expectedReplies(): Uint8Array {
+    const parts: Uint8Array[] = [];
+    for (let i = 0; i < 20; i++) parts.push(simpleReply(0, i));
+    for (let i = 0; i < 20; i++) parts.push(simpleReply(0, 100 + i), new Uint8Array(512).fill(i + 1));
+    return bytes(...parts);
+  }
+
+  test("an export that finishes at once: every reply to one chunk is written before onData returns, in one write, in order", () => {
+    const { exp, conn, writes, load } = connected({ synchronous: true });
+    conn.onData(burst());
+    expect(writes.length).toBe(1);
+    expect(hex(writes[0]!)).toBe(hex(expectedReplies()));
+    expect(exp.stats.write).toBe(20);
+    expect(conn.requests_in_flight).toBe(0);
+    expect(load.inflight).toBe(0);
+    // Every request but the last had more bytes behind it: the client keeps a queue.
+    expect(load.pipelined).toBe(39);
+  });
+
+  test("an export that finishes later: the same replies, batched once the requests complete", async () => {
+    const { conn, writes } = connected({});
+    conn.onData(burst());
+    expect(writes.length).toBe(0);
+    for (let i = 0; i < 50 && conn.requests_in_flight > 0; i++) await Bun.sleep(1);
+    await Bun.sleep(5);
+    expect(hex(bytes(...writes))).toBe(hex(expectedReplies()));
+    expect(writes.length).toBeLessThanOrEqual(2);
+  });
+
+  test("a synchronous failure is an error reply for that request only", () => {
+    const { conn, writes } = connected({ synchronous: true, fail: (op, off) => (op === "write" && off === 512 ? 5 : undefined) });
+    conn.onData(bytes(...[0, 1, 2].map((i) => request(W.CMD_WRITE, 0, i, i * 512, 512, new Uint8Array(512)))));
+    expect(writes.length).toBe(1);
+    const errno = new DataView(writes[0]!.buffer).getUint32(16 + 4, false);
+    expect(hex(writes[0]!.subarray(0, 16))).toBe(hex(simpleReply(0, 0)));
+    expect(errno).toBe(W.NBD_EIO);
+    expect(hex(writes[0]!.subarray(32, 48))).toBe(hex(simpleReply(0, 2)));
+    expect(writes[0]!.length).toBe(48);
   });
 });

@@ -158,15 +158,28 @@ export class Engine {
   }
 
   async read(off: number, len: number, dst: Uint8Array): Promise<void> {
-    this.check(off, len, 22);
-    assert(dst.length >= len, "read buffer too small");
-    await readPath(this.ctx, off, dst.length === len ? dst : dst.subarray(0, len));
+    await this.readNow(off, len, dst);
   }
 
   async write(off: number, data: WriteData, fua: boolean): Promise<void> {
+    await this.writeNow(off, data, fua);
+  }
+
+  /**
+   * read() for the request path: undefined when it finished at once (every byte cached), else
+   * the promise of the backing reads. Throws bad ranges and cache errors synchronously.
+   */
+  readNow(off: number, len: number, dst: Uint8Array): Promise<void> | undefined {
+    this.check(off, len, 22);
+    assert(dst.length >= len, "read buffer too small");
+    return readPath(this.ctx, off, dst.length === len ? dst : dst.subarray(0, len));
+  }
+
+  /** write() for the request path: undefined when it finished at once, else the promise of the rest. */
+  writeNow(off: number, data: WriteData, fua: boolean): Promise<void> | undefined {
     const payload = new PayloadCursor(data);
     this.check(off, payload.length, 28);
-    await writePath(this.ctx, off, payload, fua);
+    return writePath(this.ctx, off, payload, fua);
   }
 
   /** Every completed write (of any thread) durable: close every kset, as a flush-epoch boundary. */

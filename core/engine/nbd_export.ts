@@ -15,12 +15,12 @@ export class EngineExport implements NbdExport {
     return this.engine.size_bytes;
   }
 
-  read(off: number, len: number, dst: Uint8Array): Promise<void> {
-    return this.engine.read(off, len, dst);
+  read(off: number, len: number, dst: Uint8Array): Promise<void> | undefined {
+    return this.engine.readNow(off, len, dst);
   }
 
-  write(off: number, data: WriteData, fua: boolean): Promise<void> {
-    return this.engine.write(off, data, fua);
+  write(off: number, data: WriteData, fua: boolean): Promise<void> | undefined {
+    return this.engine.writeNow(off, data, fua);
   }
 
   flush(): Promise<void> {

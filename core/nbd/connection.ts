@@ -130,6 +130,8 @@ export class NbdConnection {
   private queued_bytes = 0;
   /** A setImmediate will write the queued replies (they wait for their neighbours' replies). */
   private batch_scheduled = false;
+  /** Replies were queued inside the parse loop: pump() writes them when the loop stops. */
+  private flush_after_parse = false;
   /** Where small queued messages are joined into one socket write (made on first use). */
   private staging: Uint8Array | null = null;
   private reading_paused = false;
@@ -235,8 +237,14 @@ export class NbdConnection {
     } finally {
       this.pumping = false;
     }
+    if (this.flush_after_parse) {
+      this.flush_after_parse = false;
+      this.flushQueue();
+    }
     this.updateReadPause();
     this.maybeFinish();
+    // Spinning would delay the worker's other connections: only a connection alone may.
+    if (this.pace !== null && !this.ended && this.isIdle() && this.opts.is_only_connection()) this.pace.onIdle(this.socket.fd);
   }
 
   /** True while new requests must wait (caps reached). */
@@ -398,7 +406,20 @@ export class NbdConnection {
     load.inflight++;
     this.inflight++;
     this.inflight_bytes += cost;
-    execute(req, payload, s).then(
+    let result: Uint8Array | Promise<Uint8Array>;
+    try {
+      result = execute(req, payload, s);
+    } catch (e) {
+      this.completed(cost, payload, null, e);
+      return;
+    }
+    // A cached read or a write with room is answered here, in the parse loop: its reply goes
+    // out with the others of the same received bytes when the loop stops (see send).
+    if (result instanceof Uint8Array) {
+      this.completed(cost, payload, result, null);
+      return;
+    }
+    result.then(
       (reply) => this.completed(cost, payload, reply, null),
       (e: unknown) => this.completed(cost, payload, null, e),
     );
@@ -415,7 +436,7 @@ export class NbdConnection {
       if (reply) {
         this.send(reply);
       } else {
-        // execute() turns every failure into a reply; getting here is a bug.
+        // execute() turns every export failure into a reply; getting here is a bug.
         this.opts.log("error", `${this.label}: internal error in request: ${describeError(error)}`);
         this.drop("internal error");
       }
@@ -424,8 +445,6 @@ export class NbdConnection {
       this.drop("internal error");
     }
     this.pump();
-    // Spinning would delay the worker's other connections: only a connection alone may.
-    if (this.pace !== null && !this.ended && this.isIdle() && this.opts.is_only_connection()) this.pace.onIdle(this.socket.fd);
   }
 
   private enterTransmission(): void {
@@ -443,17 +462,23 @@ export class NbdConnection {
   }
 
   /**
-   * Queues or writes one complete message. While other requests are in flight their replies
+   * Queues or writes one complete message. A reply made inside the parse loop (a request the
+   * export finished at once) waits for the loop to stop, so the replies to one read's worth of
+   * requests leave in one socket write. While other requests are in flight their replies
    * usually follow within the same turn of the event loop, so a reply waits (one setImmediate at
-   * most) and the batch goes out in one socket write: at queue depth 32 that saves most of the
-   * write syscalls. With nothing else in flight the reply goes out at once (queue depth 1 waits
-   * for nothing).
+   * most) and the batch goes out in one write: at queue depth 32 that saves most of the write
+   * syscalls. With nothing else in flight the reply goes out at once (queue depth 1 waits for
+   * nothing).
    */
   private send(bytes: Uint8Array): void {
     if (this.is_closed || this.ended) return;
     this.queue.push(bytes);
     this.queued_bytes += bytes.length;
-    if (this.queue.length > 1 && !this.batch_scheduled) return; // backpressure: onDrain writes it
+    if (this.queue.length > 1 && !this.batch_scheduled && !this.flush_after_parse) return; // backpressure: onDrain writes it
+    if (this.pumping && this.queued_bytes < STAGING_BYTES) {
+      this.flush_after_parse = true;
+      return;
+    }
     if (this.inflight === 0 || this.queued_bytes >= STAGING_BYTES) {
       this.flushQueue();
       return;

@@ -12,14 +12,17 @@
 export interface NbdExport {
   readonly size_bytes: number;
   readonly read_only: boolean;
-  /** Fills `dst` (exactly `len` bytes) with the contents at `off`. */
-  read(off: number, len: number, dst: Uint8Array): Promise<void>;
+  /**
+   * Fills `dst` (exactly `len` bytes) with the contents at `off`. May finish synchronously:
+   * returning undefined means done, and a synchronous throw is a failed request like a rejection.
+   */
+  read(off: number, len: number, dst: Uint8Array): Promise<void> | undefined;
   /**
    * `data` is the payload: one buffer, or the receive chunks it arrived in, in order (a large
    * WRITE is not gathered into one buffer first). Views into receive chunks: copy what must
-   * outlive the promise.
+   * outlive the call. May finish synchronously, as read may.
    */
-  write(off: number, data: WriteData, fua: boolean): Promise<void>;
+  write(off: number, data: WriteData, fua: boolean): Promise<void> | undefined;
   /** Every write completed (replied to) before this call, on ANY connection, becomes durable. */
   flush(): Promise<void>;
   /** A hint: discard all, part or none of the range. */

@@ -24,6 +24,11 @@ export interface MemoryExportOptions {
   fail?: (op: MemoryOp, off: number, len: number) => number | Error | undefined;
   /** When false, write-zeroes with fast_zero fails with ENOTSUP. Default true (zeroing is cheap here). */
   fast_zero?: boolean;
+  /**
+   * Read and write finish within the call and return undefined, as the engine does for cached
+   * data (failures throw at once). Not with delay_ms, jitter_ms or gate.
+   */
+  synchronous?: boolean;
 }
 
 export class MemoryExport implements NbdExport {
@@ -44,6 +49,8 @@ export class MemoryExport implements NbdExport {
     this.size_bytes = opts.size_bytes;
     this.read_only = opts.read_only ?? false;
     this.chunk_bytes = chunk_bytes;
+    const waits = opts.delay_ms !== undefined || opts.jitter_ms !== undefined || opts.gate !== undefined;
+    assert(!(opts.synchronous && waits), "a synchronous export has no delay, jitter or gate");
   }
 
   /** Bytes held in allocated chunks. */
@@ -51,7 +58,22 @@ export class MemoryExport implements NbdExport {
     return this.chunks.size * this.chunk_bytes;
   }
 
-  async read(off: number, len: number, dst: Uint8Array): Promise<void> {
+  read(off: number, len: number, dst: Uint8Array): Promise<void> | undefined {
+    if (!this.opts.synchronous) return this.readLater(off, len, dst);
+    this.injectFailure("read", off, len);
+    this.stats.read++;
+    this.copyOut(off, len, dst);
+    return undefined;
+  }
+
+  write(off: number, data: WriteData, fua: boolean): Promise<void> | undefined {
+    if (!this.opts.synchronous) return this.writeLater(off, data, fua);
+    this.injectFailure("write", off, writeDataLength(data));
+    this.writeNow(off, data, fua);
+    return undefined;
+  }
+
+  private async readLater(off: number, len: number, dst: Uint8Array): Promise<void> {
     await this.enter("read", off, len);
     try {
       this.stats.read++;
@@ -61,18 +83,22 @@ export class MemoryExport implements NbdExport {
     }
   }
 
-  async write(off: number, data: WriteData, fua: boolean): Promise<void> {
+  private async writeLater(off: number, data: WriteData, fua: boolean): Promise<void> {
     await this.enter("write", off, writeDataLength(data));
     try {
-      this.stats.write++;
-      if (fua) this.stats.fua++;
-      let at = off;
-      for (const part of writeDataParts(data)) {
-        this.copyIn(at, part);
-        at += part.length;
-      }
+      this.writeNow(off, data, fua);
     } finally {
       this.leave();
+    }
+  }
+
+  private writeNow(off: number, data: WriteData, fua: boolean): void {
+    this.stats.write++;
+    if (fua) this.stats.fua++;
+    let at = off;
+    for (const part of writeDataParts(data)) {
+      this.copyIn(at, part);
+      at += part.length;
     }
   }
 
@@ -151,13 +177,18 @@ export class MemoryExport implements NbdExport {
       if (this.opts.jitter_ms) ms += Math.random() * this.opts.jitter_ms;
       if (ms > 0) await Bun.sleep(ms);
       if (this.opts.gate) await this.opts.gate(op, off, len);
-      const f = this.opts.fail?.(op, off, len);
-      if (f instanceof Error) throw f;
-      if (typeof f === "number" && f !== 0) throw new NbdExportError(f, `injected ${op} failure`);
+      this.injectFailure(op, off, len);
     } catch (e) {
       this.inflight_now--;
       throw e;
     }
+  }
+
+  /** Throws what the `fail` knob asks for this operation, if anything. */
+  private injectFailure(op: MemoryOp, off: number, len: number): void {
+    const f = this.opts.fail?.(op, off, len);
+    if (f instanceof Error) throw f;
+    if (typeof f === "number" && f !== 0) throw new NbdExportError(f, `injected ${op} failure`);
   }
 
   private leave(): void {

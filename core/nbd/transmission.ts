@@ -189,23 +189,76 @@ function okReply(req: Request): Uint8Array {
 export const BLOCK_STATUS_EXTENTS_MAX = 65536;
 
 /**
- * Runs a validated request and returns its reply. Never rejects: every failure becomes an
- * error reply. `payload` is the WRITE data (exactly req.length bytes).
+ * Runs a validated request and returns its reply: the reply itself when the export finished at
+ * once (a cached read, a write with room: no promise per request), else a promise of it. Never
+ * fails: every failure becomes an error reply. `payload` is the WRITE data (exactly req.length
+ * bytes).
  */
-export async function execute(req: Request, payload: WriteData | null, s: Session): Promise<Uint8Array> {
-  const ex = s.export;
-  // The other side of validateRequest's boundary. A failure here is our bug: it rejects, and
+export function execute(req: Request, payload: WriteData | null, s: Session): Uint8Array | Promise<Uint8Array> {
+  // The other side of validateRequest's boundary. A failure here is our bug: it throws, and
   // the connection logs it and closes (the export is never called with a bad range).
-  assert(Number.isSafeInteger(req.offset) && req.offset + req.length <= ex.size_bytes, "request range validated");
+  assert(Number.isSafeInteger(req.offset) && req.offset + req.length <= s.export.size_bytes, "request range validated");
   assert(req.type !== W.CMD_WRITE || (payload !== null && writeDataLength(payload) === req.length), "WRITE payload is complete");
+  if (req.type === W.CMD_READ) return read(req, s);
+  if (req.type === W.CMD_WRITE) return write(req, payload!, s);
+  return executeOther(req, s);
+}
+
+function write(req: Request, payload: WriteData, s: Session): Uint8Array | Promise<Uint8Array> {
+  if (req.length === 0) return okReply(req);
+  let pending: Promise<void> | undefined;
+  try {
+    pending = s.export.write(req.offset, payload, (req.flags & W.CMD_FLAG_FUA) !== 0);
+  } catch (e) {
+    return failed(req, e, s);
+  }
+  if (pending === undefined) return okReply(req);
+  return pending.then(
+    () => okReply(req),
+    (e: unknown) => failed(req, e, s),
+  );
+}
+
+/**
+ * READ: the export reads straight into the reply buffer, after room for the header, so header
+ * and data leave in one write. With structured replies, one OFFSET_DATA chunk covers the whole
+ * range, which also satisfies DF.
+ */
+function read(req: Request, s: Session): Uint8Array | Promise<Uint8Array> {
+  const n = req.length;
+  if (n === 0) return s.structured_replies ? W.encodeNoneChunk(req.cookie_hi, req.cookie_lo) : okReply(req);
+  const prefix = s.structured_replies ? W.OFFSET_DATA_PREFIX_BYTES : W.SIMPLE_REPLY_BYTES;
+  const buf = s.read_pool.acquire(prefix + n);
+  let pending: Promise<void> | undefined;
+  try {
+    pending = s.export.read(req.offset, n, buf.subarray(prefix));
+  } catch (e) {
+    s.read_pool.release(buf);
+    return failed(req, e, s);
+  }
+  if (pending === undefined) return readReply(req, s, buf);
+  return pending.then(
+    () => readReply(req, s, buf),
+    (e: unknown) => {
+      s.read_pool.release(buf);
+      return failed(req, e, s);
+    },
+  );
+}
+
+/** Puts the header in front of the data the export read. */
+function readReply(req: Request, s: Session, buf: Uint8Array): Uint8Array {
+  if (s.structured_replies) W.writeOffsetDataPrefix(buf, W.REPLY_FLAG_DONE, req.cookie_hi, req.cookie_lo, req.offset, req.length);
+  else W.writeSimpleReplyHeader(buf, 0, req.cookie_hi, req.cookie_lo);
+  return buf;
+}
+
+/** Every command but READ and WRITE: none is on the hot path. */
+async function executeOther(req: Request, s: Session): Promise<Uint8Array> {
+  const ex = s.export;
   const fua = (req.flags & W.CMD_FLAG_FUA) !== 0;
   try {
     switch (req.type) {
-      case W.CMD_READ:
-        return await read(req, s);
-      case W.CMD_WRITE:
-        if (req.length > 0) await ex.write(req.offset, payload!, fua);
-        return okReply(req);
       case W.CMD_FLUSH:
         await ex.flush();
         return okReply(req);
@@ -233,34 +286,6 @@ export async function execute(req: Request, payload: WriteData | null, s: Sessio
   } catch (e) {
     return failed(req, e, s);
   }
-}
-
-async function read(req: Request, s: Session): Promise<Uint8Array> {
-  const n = req.length;
-  if (s.structured_replies) {
-    if (n === 0) return W.encodeNoneChunk(req.cookie_hi, req.cookie_lo);
-    // One OFFSET_DATA chunk covering the whole range, which also satisfies DF. The export
-    // reads straight into the reply buffer so header and data leave in one write.
-    const buf = await readInto(s, req, W.OFFSET_DATA_PREFIX_BYTES);
-    W.writeOffsetDataPrefix(buf, W.REPLY_FLAG_DONE, req.cookie_hi, req.cookie_lo, req.offset, n);
-    return buf;
-  }
-  if (n === 0) return okReply(req);
-  const buf = await readInto(s, req, W.SIMPLE_REPLY_BYTES);
-  W.writeSimpleReplyHeader(buf, 0, req.cookie_hi, req.cookie_lo);
-  return buf;
-}
-
-/** A reply buffer of `prefix` header bytes then the data, which the export reads into. */
-async function readInto(s: Session, req: Request, prefix: number): Promise<Uint8Array> {
-  const buf = s.read_pool.acquire(prefix + req.length);
-  try {
-    await s.export.read(req.offset, req.length, buf.subarray(prefix));
-  } catch (e) {
-    s.read_pool.release(buf);
-    throw e;
-  }
-  return buf;
 }
 
 async function blockStatus(req: Request, s: Session): Promise<Uint8Array> {
