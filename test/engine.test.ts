@@ -103,6 +103,25 @@ describe("engine paths", () => {
     h.engine.ctx.log.stopTimers();
   });
 
+  test("a write that finds the index pool empty waits for nodes, then logs its keys", async () => {
+    const h = newHarness();
+    const idx = h.engine.ctx.idx;
+    const held: number[] = [];
+    for (let id = idx.allocNode(); id >= 0; id = idx.allocNode()) held.push(id);
+    // Two pieces (across a 4 MiB boundary): both wait, the data is already in the cache.
+    const data = pattern(8192, 8);
+    const pending = h.engine.writeNow(4 * MiB - 4096, data, false);
+    expect(pending).toBeInstanceOf(Promise);
+    let done = false;
+    void pending!.then(() => (done = true));
+    await Bun.sleep(20);
+    expect(done).toBe(false);
+    for (const id of held) idx.freeNode(id);
+    await pending;
+    expect(await readBack(h, 4 * MiB - 4096, 8192)).toEqual(data);
+    h.engine.ctx.log.stopTimers();
+  });
+
   test("range checks: past the end is refused with the NBD errno", async () => {
     const h = newHarness(1 * MiB);
     await expect(h.engine.write(MiB - 10, new Uint8Array(20), false)).rejects.toMatchObject({ errno: 28 });
