@@ -325,18 +325,24 @@ describe("NbdServer lifecycle", () => {
 describe("NbdConnection over a recording socket", () => {
   const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
 
-  /** A connection in transmission phase whose socket records every write. */
+  /**
+   * A connection in transmission phase whose socket records every write. `room.bytes` is what the
+   * socket takes before it is full (a client that does not read its replies).
+   */
   function connected(memory: Partial<MemoryExportOptions>) {
     const exp = new MemoryExport({ size_bytes: 1 << 20, ...memory });
     const writes: Uint8Array[] = [];
+    const room = { bytes: Number.POSITIVE_INFINITY, paused: false };
     const socket: NbdSocket = {
       write: (d) => {
-        writes.push(d.slice()); // the connection reuses its staging buffer
-        return d.length;
+        const n = Math.min(d.length, room.bytes);
+        room.bytes -= n;
+        if (n > 0) writes.push(d.slice(0, n)); // the connection reuses its staging buffer
+        return n;
       },
       end: () => {},
-      pause: () => {},
-      resume: () => {},
+      pause: () => (room.paused = true),
+      resume: () => (room.paused = false),
     };
     const load = { inflight: 0, pipelined: 0 };
     const conn = new NbdConnection(socket, {
@@ -354,7 +360,7 @@ describe("NbdConnection over a recording socket", () => {
     conn.onData(option(W.OPT_GO, goData("pc")));
     expect(conn.in_transmission).toBe(true);
     writes.length = 0;
-    return { exp, conn, writes, load };
+    return { exp, conn, writes, load, room };
   }
 
   /** Twenty 512-byte WRITEs, then twenty READs of them, in one received chunk. */
@@ -392,6 +398,34 @@ describe("NbdConnection over a recording socket", () => {
     await Bun.sleep(5);
     expect(hex(bytes(...writes))).toBe(hex(expectedReplies()));
     expect(writes.length).toBeLessThanOrEqual(2);
+  });
+
+  test("a client that does not read its replies: parsing stops at the reply-queue cap, and resumes on drain", () => {
+    const { exp, conn, writes, room } = connected({ synchronous: true, size_bytes: 64 << 20 });
+    room.bytes = 0;
+    const len = 1 << 20;
+    const reply_bytes = 16 + len;
+    const n = 40;
+    conn.onData(bytes(...Array.from({ length: n }, (_, i) => request(W.CMD_READ, 0, i, 0, len))));
+    // Requests are taken until the queued replies reach the cap (16 MiB): 16 of them. The rest
+    // stay unparsed in the receive buffer and the socket is paused.
+    const cap = DEFAULT_CONNECTION_LIMITS.write_queue_bytes_max;
+    expect(exp.stats.read).toBe(Math.ceil(cap / reply_bytes));
+    expect(room.paused).toBe(true);
+    expect(writes.length).toBe(0);
+    let out = 0;
+    for (let round = 0; round < 200 && out < n * reply_bytes; round++) {
+      room.bytes = 3 * len;
+      conn.onDrain();
+      out = writes.reduce((a, w) => a + w.length, 0);
+      // Never more than the cap queued plus one request's reply.
+      expect(exp.stats.read * reply_bytes - out).toBeLessThanOrEqual(cap + reply_bytes);
+    }
+    const got = bytes(...writes);
+    expect(got.length).toBe(n * reply_bytes);
+    for (let i = 0; i < n; i++) expect(hex(got.subarray(i * reply_bytes, i * reply_bytes + 16))).toBe(hex(simpleReply(0, i)));
+    expect(exp.stats.read).toBe(n);
+    expect(room.paused).toBe(false);
   });
 
   test("a synchronous failure is an error reply for that request only", () => {
