@@ -109,7 +109,6 @@ export class StateMonitor {
       this.dirty_tail = p.dirty_tail;
       this.dirty_tail_moved_ms = now_ms;
     }
-    const segs = this.ctx.segs;
     const over = full || atGcPercent(this.ctx.s);
     const stuck = now_ms - this.dirty_tail_moved_ms >= WEDGE_AFTER_MS;
     const wedged = over && stuck && posEqual(p.key_tail, p.dirty_tail);

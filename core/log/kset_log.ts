@@ -163,6 +163,16 @@ export class KsetLog {
     return true;
   }
 
+  /** close() under the kset's lock: false when the log needed a segment and none was free. */
+  tryClose(kset_id: number): boolean {
+    this.lock(kset_id);
+    try {
+      return this.close(kset_id);
+    } finally {
+      this.unlock(kset_id);
+    }
+  }
+
   /**
    * Close a kset, waiting (without polling) for a free segment when the log must roll. Fails
    * with CacheFullError after wait_ms.
@@ -171,14 +181,7 @@ export class KsetLog {
     const deadline = Date.now() + wait_ms;
     for (;;) {
       const seen = Atomics.load(this.s.waits, WAIT_SEG_FREED);
-      this.lock(kset_id);
-      let ok: boolean;
-      try {
-        ok = this.close(kset_id);
-      } finally {
-        this.unlock(kset_id);
-      }
-      if (ok) return;
+      if (this.tryClose(kset_id)) return;
       const left = deadline - Date.now();
       if (left <= 0) throw new CacheFullError("cache full: no free segment for the key log (writeback or GC is not keeping up)");
       await waitChangeAsync(this.s.waits, WAIT_SEG_FREED, seen, Math.min(left, 1000));

@@ -236,12 +236,7 @@ export class Writeback {
     for (const [kset_id, bytes] of held_back) {
       if (bytes < CLOSE_FOR_SKIP_MIN_BYTES) continue;
       const before = log.closes(kset_id);
-      log.lock(kset_id);
-      try {
-        log.close(kset_id);
-      } finally {
-        log.unlock(kset_id);
-      }
+      log.tryClose(kset_id);
       if (log.closes(kset_id) !== before) {
         closed = true;
         this.early_closes++;
